@@ -1,0 +1,44 @@
+# `make run` and `make test` work on a fresh machine: they create .venv/ when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PG15_BINDIR ?= /usr/lib/postgresql/15/bin
+
+.PHONY: run test test-unit test-integration test-pg15 lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+## The service on the embedded PostgreSQL, with synthetic users (Ctrl-C stops).
+run: $(STAMP)
+	$(VENV)/bin/mission-runner demo
+
+## Lint, type-check, unit and integration tests (embedded PostgreSQL 18).
+test: $(STAMP) lint typecheck
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q tests/integration
+
+## The integration tests against Debian's PostgreSQL 15 binaries.
+test-pg15: $(STAMP)
+	MISSION_RUNNER_TEST_PG_BINDIR=$(PG15_BINDIR) $(PY) -m pytest -q tests/integration
+
+lint: $(STAMP)
+	$(PY) -m ruff check stream projections planner writer mission_runner tests bench
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .mission-runner .pytest_cache .mypy_cache .ruff_cache

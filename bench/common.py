@@ -1,0 +1,94 @@
+"""Shared set-up for the benchmarks: a throwaway server and database with the dev schema."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from mission_runner.devschema import DDL
+from mission_runner.embedded import EmbeddedPostgres
+
+BENCH_SETTINGS = {
+    "wal_level": "logical",
+    "max_wal_senders": "20",
+    "max_replication_slots": "20",
+    "shared_buffers": "256MB",
+    "max_wal_size": "4GB",
+}
+
+
+@dataclass
+class BenchServer:
+    dsn: str
+    bindir: Path
+    version: str
+
+
+@contextmanager
+def bench_server() -> Iterator[BenchServer]:
+    """The embedded PostgreSQL 18 in a temporary directory, or BENCH_DSN / BENCH_BINDIR."""
+    if dsn := os.environ.get("BENCH_DSN"):
+        bindir = Path(os.environ.get("BENCH_BINDIR", "/usr/lib/postgresql/15/bin"))
+        yield BenchServer(dsn, bindir, _version(dsn))
+        return
+    tmp = tempfile.mkdtemp(prefix="mrbench", dir="/tmp")
+    server = EmbeddedPostgres(Path(tmp), delete_on_exit=True, extra_settings=BENCH_SETTINGS)
+    try:
+        admin = server.start()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS bench")
+            conn.execute("CREATE DATABASE bench")
+        dsn = server.dsn("bench")
+        yield BenchServer(dsn, server.bindir, _version(dsn))
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _version(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+def create_schema(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(DDL.encode())
+
+
+# About 300 bytes of JSON per row, like a mission update with a few fields.
+PAYLOAD_SQL = (
+    "jsonb_build_object('title', 'Mission number ' || i, 'objective',"
+    " 'Keep the garden project on track and summarise what changed this week', 'state',"
+    " 'active', 'nextRunAt', '2026-11-22T10:00:00.000Z', 'cadence',"
+    " jsonb_build_object('kind', 'daily', 'atHour', 8, 'atMinute', 30), 'inputs',"
+    " jsonb_build_array(jsonb_build_object('module', 'notes', 'table', 'notes', 'id', 'n' || i)))"
+)
+
+
+def insert_missions(
+    dsn: str, *, rows: int, missions: int, tx_size: int = 1000, users: int = 100
+) -> None:
+    """`rows` mission rows over `missions` records, in transactions of `tx_size`."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for start in range(0, rows, tx_size):
+            end = min(rows, start + tx_size) - 1
+            conn.execute(
+                "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data,"
+                " field_meta, client_id)"
+                " SELECT 'ai', 'aiMissions', 'm' || (i %% %s), 'u' || ((i %% %s) %% %s),"
+                " CASE WHEN i < %s THEN 'insert' ELSE 'update' END, " + PAYLOAD_SQL + ","
+                " jsonb_build_object('title', jsonb_build_object('at',"
+                "  to_char(clock_timestamp() AT TIME ZONE 'UTC',"
+                "  'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))), 'bench-web'"
+                " FROM generate_series(%s::int, %s::int) i",
+                (missions, missions, users, missions, start, end),
+            )

@@ -1,0 +1,121 @@
+"""Ingest throughput: `mission-runner catch-up` vs `pg_recvlogical` over the same WAL range.
+
+Both read the same slot position, with the same publication and protocol options; the
+ratio of their row rates is the figure (target: catch-up >= 0.6x pg_recvlogical).
+
+    .venv/bin/python bench/ingest.py [--rows 300000] [--tx-size 1000] [--missions 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import bench_server, create_schema, insert_missions  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=300_000)
+    ap.add_argument("--tx-size", type=int, default=1000)
+    ap.add_argument("--missions", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds, each on fresh slots")
+    args = ap.parse_args()
+
+    with bench_server() as server:
+        dsn = server.dsn
+        create_schema(dsn)
+        env = {**os.environ, "DATABASE_URL": dsn, "LOG_LEVEL": "warning"}
+        cli = [sys.executable, "-m", "mission_runner.cli"]
+        print(
+            f"PostgreSQL {server.version}; {args.rows} mission rows in transactions of "
+            f"{args.tx_size}, over {args.missions} missions"
+        )
+        for rnd in range(args.repeat):
+            slot = f"mission_runner_{rnd}"
+            recv_slot = f"recvlogical_{rnd}"
+            env["MISSION_RUNNER_SLOT"] = slot
+            # Our slot and checkpoint first (empty table), then pg_recvlogical's slot.
+            subprocess.run(
+                [*cli, "catch-up"], env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+            )
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (recv_slot,)
+                )
+            t0 = time.perf_counter()
+            insert_missions(dsn, rows=args.rows, missions=args.missions, tx_size=args.tx_size)
+            load_s = time.perf_counter() - t0
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT pg_current_wal_lsn()::text,"
+                    " pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(),"
+                    " (SELECT restart_lsn FROM pg_replication_slots"
+                    "  WHERE slot_name = %s)))",
+                    (recv_slot,),
+                ).fetchone()
+                assert row is not None
+                endpos, wal = str(row[0]), str(row[1])
+            print(f"round {rnd + 1}: loaded in {load_s:.1f} s, {wal} of WAL, end {endpos}")
+
+            recv = [
+                str(server.bindir / "pg_recvlogical"),
+                "-d",
+                dsn,
+                "--slot",
+                recv_slot,
+                "--start",
+                "--endpos",
+                endpos,
+                "-f",
+                "/dev/null",
+                "--no-loop",
+                "-o",
+                "proto_version=2",
+                "-o",
+                "publication_names=mission_runner",
+                "-o",
+                "messages=true",
+                "-o",
+                "streaming=on",
+            ]
+            t0 = time.perf_counter()
+            subprocess.run(recv, check=True, env=env)
+            recv_s = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            out = subprocess.run(
+                [*cli, "catch-up"], env=env, check=True, cwd=ROOT, capture_output=True, text=True
+            )
+            ours_s = time.perf_counter() - t0
+            print("  " + out.stdout.strip())
+
+            recv_rate = args.rows / recv_s
+            ours_rate = args.rows / ours_s
+            print(f"  pg_recvlogical to /dev/null: {recv_s:6.2f} s  {recv_rate:10,.0f} rows/s")
+            print(
+                f"  mission-runner catch-up:     {ours_s:6.2f} s  {ours_rate:10,.0f} rows/s"
+                "  (whole command: start, boot, stream, persist, confirm)"
+            )
+            print(f"  ratio catch-up / pg_recvlogical: {ours_rate / recv_rate:.2f}")
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (recv_slot,))
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                conn.execute("TRUNCATE sync_changes")
+                conn.execute(
+                    "TRUNCATE mana_ai.mission_snapshots, mana_ai.agent_snapshots,"
+                    " mana_ai.stream_checkpoint"
+                )
+
+
+if __name__ == "__main__":
+    main()

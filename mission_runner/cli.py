@@ -1,0 +1,307 @@
+"""The `mission-runner` command line.
+
+Exit codes: 0 done, 1 failed at run time, 2 a setting is wrong (the message names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import psycopg
+
+from mission_runner import doctor as doctor_mod
+from mission_runner import failpoints
+from mission_runner.app import App, open_app, redact, resolve_database
+from mission_runner.clock import SystemClock
+from mission_runner.demo import DemoUsers
+from mission_runner.devschema import create_dev_schema
+from mission_runner.errors import ConfigurationError, MissionRunnerError
+from mission_runner.logs import setup_logging
+from mission_runner.migrations import migrate
+from mission_runner.settings import Settings
+from mission_runner.status import collect_status, format_status
+from projections import persistence
+from stream import slots
+from stream.lsn import Lsn
+
+log = logging.getLogger("mission_runner")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _serve(app: App, stop: asyncio.Event) -> None:
+    await app.ingestor.boot()
+    await app.ingestor.run(stop)
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with open_app(settings) as app:
+        log.info("mission-runner starting on %s", redact(app.dsn))
+        await _serve(app, stop)
+    return EXIT_OK
+
+
+async def cmd_catch_up(settings: Settings, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with open_app(settings) as app:
+        await app.ingestor.boot()
+        await app.ingestor.run(stop, catch_up=True)
+        ing = app.ingestor
+        print(
+            f"caught up: checkpoint {ing.persisted_lsn}, {ing.transactions_applied} "
+            f"transactions and {ing.rows_applied} rows applied, "
+            f"{len(ing.missions)} missions, {len(ing.agents)} agents"
+        )
+    return EXIT_OK
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    dsn, _embedded = resolve_database(settings)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        status = await collect_status(conn, slot=settings.slot, now_us=SystemClock().now_us())
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+async def _refuse_if_active(app: App) -> bool:
+    async with app.pool.connection() as conn:
+        slot = await slots.get_slot(conn, app.settings.slot)
+    if slot is not None and slot.active:
+        print(
+            f"slot {app.settings.slot} is in use by PID {slot.active_pid}: stop the running"
+            " service first",
+            file=sys.stderr,
+        )
+        return True
+    return False
+
+
+async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with open_app(settings) as app:
+        async with app.pool.connection() as conn:
+            await migrate(conn)
+        if await _refuse_if_active(app):
+            return EXIT_FAILED
+        log.warning("rebuild: discarding snapshots and checkpoint of slot %s", settings.slot)
+        await app.ingestor.discard_state()
+        await app.ingestor.boot()
+        await app.ingestor.run(stop, catch_up=True)
+        print(
+            f"rebuilt: checkpoint {app.ingestor.persisted_lsn}, "
+            f"{len(app.ingestor.missions)} missions, {len(app.ingestor.agents)} agents"
+        )
+    return EXIT_OK
+
+
+async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        target = Lsn.parse(args.from_lsn)
+    except ValueError as exc:
+        print(f"--from-lsn: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with open_app(settings) as app:
+        async with app.pool.connection() as conn:
+            await migrate(conn)
+            slot = await slots.get_slot(conn, settings.slot)
+            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+            row = await cur.fetchone()
+            assert row is not None
+            current = Lsn.parse(str(row[0]))
+            if slot is None or slot.confirmed_flush_lsn is None:
+                print(
+                    f"slot {settings.slot} does not exist: nothing to replay from; use"
+                    " `mission-runner rebuild`",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            if target < slot.confirmed_flush_lsn:
+                print(
+                    f"{target} is below the slot's confirmed position "
+                    f"{slot.confirmed_flush_lsn}: the server no longer has those changes for"
+                    " this slot. Use `mission-runner rebuild` to rebuild from the table.",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            if target > current:
+                print(
+                    f"{target} is beyond the server's current WAL position {current}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            if slot.active:
+                print(
+                    f"slot {settings.slot} is in use by PID {slot.active_pid}: stop the"
+                    " running service first",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            await persistence.write_batch(
+                conn,
+                persistence.PersistBatch(
+                    missions=[],
+                    agents=[],
+                    dead_letters=[],
+                    checkpoint=persistence.Checkpoint(settings.slot, target, None),
+                ),
+            )
+        log.warning("replay: checkpoint of slot %s set to %s", settings.slot, target)
+        await app.ingestor.boot()
+        await app.ingestor.run(stop, catch_up=True)
+        print(
+            f"replayed from {target}: checkpoint now {app.ingestor.persisted_lsn}, "
+            f"{app.ingestor.transactions_applied} transactions applied"
+        )
+    return EXIT_OK
+
+
+async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    dsn, _embedded = resolve_database(settings)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        checks = await doctor_mod.run_checks(conn, settings)
+    print(doctor_mod.format_checks(checks))
+    failed = [c for c in checks if c.result == doctor_mod.FAIL]
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def cmd_dev_schema(settings: Settings, args: argparse.Namespace) -> int:
+    dsn, _embedded = resolve_database(settings)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await create_dev_schema(conn)
+    print("created public.sync_changes (development schema) if it was missing")
+    return EXIT_OK
+
+
+async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.database_url is not None and not args.allow_database_url:
+        print(
+            "demo writes synthetic users into sync_changes; it runs on the embedded server."
+            " Unset DATABASE_URL, or pass --allow-database-url for a disposable database.",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with open_app(settings) as app:
+        async with app.pool.connection() as conn:
+            await create_dev_schema(conn)
+        demo = DemoUsers(dsn=app.dsn, clock=app.clock, users=args.users)
+        await app.ingestor.boot()
+        print(
+            f"demo: embedded PostgreSQL at {app.embedded.pgdata if app.embedded else '-'};"
+            " synthetic users are editing missions and agents. Ctrl-C stops.",
+            flush=True,
+        )
+
+        async def report() -> None:
+            while not stop.is_set():
+                try:
+                    async with asyncio.timeout(args.report_every):
+                        await stop.wait()
+                except TimeoutError:
+                    ing = app.ingestor
+                    print(
+                        f"[{ing.phase}] checkpoint {ing.persisted_lsn}: "
+                        f"{ing.transactions_applied} transactions, {ing.rows_applied} rows; "
+                        f"{ing.missions.live_count()} missions, {ing.agents.live_count()} "
+                        f"agents; demo wrote {demo.writes}",
+                        flush=True,
+                    )
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(app.ingestor.run(stop))
+            tg.create_task(demo.run(stop, interval=args.interval))
+            tg.create_task(report())
+            if args.duration:
+
+                async def stop_later() -> None:
+                    await asyncio.sleep(args.duration)
+                    stop.set()
+
+                tg.create_task(stop_later())
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "run": cmd_run,
+    "catch-up": cmd_catch_up,
+    "status": cmd_status,
+    "rebuild": cmd_rebuild,
+    "replay": cmd_replay,
+    "doctor": cmd_doctor,
+    "dev-schema": cmd_dev_schema,
+    "demo": cmd_demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mission-runner",
+        description="Runs AI missions from a logical-replication stream of sync_changes. "
+        "Configured by environment variables (see README).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="the service: stream, persist, stay current")
+    sub.add_parser("catch-up", help="apply everything committed before it started, then exit")
+    st = sub.add_parser("status", help="slot, lag, checkpoint and snapshot counts")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("rebuild", help="discard snapshots and checkpoint, rebuild without a gap")
+    rp = sub.add_parser("replay", help="restart the stream at an LSN at or after the slot's")
+    rp.add_argument("--from-lsn", required=True, metavar="LSN", help="e.g. 0/16B3748")
+    sub.add_parser("doctor", help="preflight checks of server and role, with fixes")
+    sub.add_parser("dev-schema", help="create sync_changes (development and tests only)")
+    dm = sub.add_parser("demo", help="embedded server, dev schema, synthetic users, the service")
+    dm.add_argument("--users", type=int, default=4)
+    dm.add_argument("--interval", type=float, default=1.0, help="seconds between user edits")
+    dm.add_argument("--duration", type=float, default=0, help="stop after this many seconds")
+    dm.add_argument("--report-every", type=float, default=5.0)
+    dm.add_argument("--allow-database-url", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+        failpoints.configure(settings.failpoints)
+    except ConfigurationError as exc:
+        print(f"mission-runner: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(settings)
+    try:
+        return asyncio.run(COMMANDS[args.command](settings, args))
+    except ConfigurationError as exc:
+        print(f"mission-runner: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MissionRunnerError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

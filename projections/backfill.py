@@ -1,0 +1,103 @@
+"""Loading `sync_changes` in the snapshot a new slot exported (initial load and rebuilds).
+
+Invariant (no gap, no double-apply): the rows visible in the exported snapshot are exactly
+the transactions that committed before the slot's consistent point, and the slot streams
+exactly those that commit after it. So: create the slot, read the table in its snapshot,
+then stream from the consistent point.
+"""
+
+from __future__ import annotations
+
+from psycopg import AsyncConnection, sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
+
+from mission_runner.errors import ReplicationError
+from projections.decode import COLUMNS
+from projections.projector import Outcome, Projector
+from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE
+from stream.lsn import Lsn
+from stream.slots import SOURCE_SCHEMA, SOURCE_TABLE
+
+_FETCH = 5000
+
+
+class _BytesLoader(Loader):
+    """Text columns as raw bytes: the same form the replication stream delivers."""
+
+    def load(self, data: Buffer) -> bytes:
+        return bytes(data)
+
+
+def load_query() -> sql.Composed:
+    cols = [sql.SQL("{}::text").format(sql.Identifier(c)) for c in COLUMNS]
+    return sql.SQL(
+        "SELECT {cols} FROM {table} WHERE app_id = {app} AND table_name IN ({m}, {a})"
+    ).format(
+        cols=sql.SQL(", ").join(cols),
+        table=sql.Identifier(SOURCE_SCHEMA, SOURCE_TABLE),
+        app=sql.Literal(APP_ID),
+        m=sql.Literal(MISSIONS_TABLE),
+        a=sql.Literal(AGENTS_TABLE),
+    )
+
+
+async def check_can_read_all(conn: AsyncConnection[tuple[object, ...]]) -> None:
+    """Row-level security would silently hide other users' rows: refuse instead."""
+    cur = await conn.execute(
+        "SELECT r.rolsuper OR r.rolbypassrls, c.relrowsecurity, c.relforcerowsecurity,"
+        " pg_get_userbyid(c.relowner) = current_user"
+        " FROM pg_roles r, pg_class c"
+        " WHERE r.rolname = current_user AND c.oid = to_regclass(%s)",
+        (f"{SOURCE_SCHEMA}.{SOURCE_TABLE}",),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise ReplicationError(
+            f"table {SOURCE_SCHEMA}.{SOURCE_TABLE} does not exist",
+            hint="point DATABASE_URL at the sync service's database "
+            "(for development: mission-runner dev-schema)",
+        )
+    bypass, rls, forced, owner = (bool(v) for v in row)
+    if rls and not bypass and (forced or not owner):
+        user = conn.info.user
+        raise ReplicationError(
+            f"role {user!r} cannot read every user's rows of sync_changes: row-level security"
+            " applies and the role lacks BYPASSRLS",
+            hint=f"ALTER ROLE {user} BYPASSRLS;  (needed for the initial load and rebuilds)",
+        )
+
+
+async def load_table(
+    conn: AsyncConnection[tuple[object, ...]],
+    projector: Projector,
+    *,
+    snapshot_name: str | None,
+    lsn: Lsn,
+    now_us: int,
+) -> Outcome:
+    """Merge every ai mission/agent row visible in the snapshot into the projector's stores.
+
+    `conn` must be a fresh connection with no open transaction. Rows are applied as of `lsn`
+    (the slot's consistent point). Dead letters are returned in the outcome.
+    """
+    await check_can_read_all(conn)
+    outcome = Outcome()
+    idx = tuple(range(len(COLUMNS)))
+    await conn.execute("SET TIME ZONE 'UTC'")
+    await conn.execute("SET datestyle = 'ISO'")
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if snapshot_name is not None:
+            await conn.execute(
+                sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
+            )
+        async with conn.cursor(name="mission_runner_load") as cur:
+            cur.adapters.register_loader("text", _BytesLoader)
+            await cur.execute(load_query())
+            while True:
+                rows = await cur.fetchmany(_FETCH)
+                if not rows:
+                    break
+                projector.apply_loaded(rows, idx, lsn, now_us, outcome)
+    return outcome

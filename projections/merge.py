@@ -1,0 +1,463 @@
+"""The last-writer-wins merge of `sync_changes` rows into one record (domain.md §2).
+
+Pure: no I/O, no clock, no logging. One `RecordState` per `(user_id, table, record_id)` holds,
+for every field, the winning value and its merge key `(stamp_us, created_at_us, event_id)`.
+Because the winner of each field is the maximum of a total order over candidates, and the
+record flags only ever go from False to True, the merge is a join (semilattice): the result
+does not depend on row order, replaying a row changes nothing, and two partial states join
+into the state of all their rows (`merge_states`).
+
+Stamps (domain.md §2, Decision: compare instants, not text). A stamp is an RFC 3339 date-time
+with an explicit offset: `YYYY-MM-DD` `T` (or one space) `HH:MM:SS`, optionally `.` and 1 to 9
+fraction digits (digits beyond the microsecond are truncated), then `Z` or `±HH`, `±HHMM`,
+`±HH:MM`. Rejected, so they fall back to the row's `created_at` and are counted: naive
+date-times (JS reads them in the writer's local zone, which we cannot know), date-only text,
+lower-case `t`/`z`, leap seconds, out-of-range fields, and anything that is not a string or an
+object with a string `at`. JS `toISOString()` output (`…00.000Z`) always parses.
+
+Decisions where the domain left room:
+- A delete row's `data` (`{deletedAt}` or `{}`) is never a candidate value (§2 lists only
+  non-delete rows). A tombstone drops every value and key: nothing may read them (the record
+  does not exist any more) and a tombstone is then tiny. A mission's `deletedAt` that the web
+  app sets with an *update* (a soft delete) is an ordinary field and stays in the snapshot.
+- An `update` field without any `field_meta` entry counts as an invalid stamp (created_at is
+  used); only `insert` rows have unstamped fields.
+- The fields `id` and `__fieldMeta` of a row's `data` are ignored: `to_record` writes both.
+- `to_record` reports an unstamped winner's stamp as its row's `created_at`.
+- An agent's merged `deletedAt` counts as set by JS truthiness (what the web app tests):
+  null, false, 0 and "" keep the agent; any other value, even `[]` or `{}`, drops it.
+- `ApplyOutcome.changed` is True when anything the persisted form holds changed, merge keys
+  included: a key can change without a visible change (same stamp, later created_at), and not
+  persisting it would let a reloaded state merge differently from the in-memory one.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Final, TypeAlias
+
+from projections.rows import OP_DELETE, OP_INSERT, ChangeRow, JsonValue
+from stream.lsn import Lsn
+
+FieldKey: TypeAlias = tuple[int, int, str]
+"""`(stamp_us, created_at_us, event_id)`: the greatest key of a field wins."""
+
+UNSTAMPED: Final = -(1 << 62)
+"""Stamp of an insert field without a `field_meta` entry: below every real instant (the
+earliest parseable stamp is about -6.2e16 µs, PostgreSQL's earliest timestamp about -2.1e17)."""
+
+RESERVED_FIELDS: Final = frozenset(("id", "__fieldMeta"))
+"""Fields of `data` that are not merged: `to_record` derives them."""
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US: Final = timedelta(microseconds=1)
+_MAX_STAMP_LEN: Final = 38  # longest text the grammar below accepts is 35 characters
+_STAMP_TEXT: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+    r"(?:\.[0-9]{1,9})?(?:Z|[+-](?:[01][0-9]|2[0-3])(?::?[0-5][0-9])?)"
+)
+
+
+# --- stamps ------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def _parse_text(text: str) -> int | None:
+    # The regex fixes the grammar (offsets bounded to ±23:59); datetime.fromisoformat (C,
+    # ~0.1 µs) checks the calendar and clock fields, does the arithmetic, and truncates
+    # fractions beyond 6 digits.
+    if _STAMP_TEXT.fullmatch(text) is None:
+        return None
+    try:
+        return (datetime.fromisoformat(text) - _EPOCH) // _ONE_US
+    except ValueError:  # month 13, Feb 30, hour 24, second 60, year 0
+        return None
+
+
+def parse_stamp(value: object) -> int | None:
+    """The instant of a `field_meta` entry in µs since the epoch, or None if it has none.
+
+    `value` is a legacy ISO string or an object whose `at` is one; see the module docstring
+    for the accepted text. `…00Z`, `…00.000Z` and `…02:00:00+02:00` are the same instant.
+    """
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict):
+        at = value.get("at")
+        if not isinstance(at, str):
+            return None
+        text = at
+    else:
+        return None
+    if len(text) > _MAX_STAMP_LEN:  # also keeps huge junk out of the cache
+        return None
+    return _parse_text(text)
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    # H. Hinnant's days -> (year, month, day), proleptic Gregorian, valid for every int.
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day
+
+
+@lru_cache(maxsize=4096)
+def format_stamp(us: int) -> str:
+    """ISO-8601 UTC text with `Z`, like JS `toISOString()`: milliseconds when the instant has
+    no sub-millisecond part, else microseconds; years outside 0..9999 as `±YYYYYY`."""
+    seconds, fraction = divmod(us, 1_000_000)
+    days, second_of_day = divmod(seconds, 86400)
+    year, month, day = _civil_from_days(days)
+    hour, rest = divmod(second_of_day, 3600)
+    minute, second = divmod(rest, 60)
+    year_text = f"{year:04d}" if 0 <= year <= 9999 else f"{year:+07d}"
+    frac_text = f"{fraction // 1000:03d}" if fraction % 1000 == 0 else f"{fraction:06d}"
+    return f"{year_text}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{frac_text}Z"
+
+
+def _stamp_of(key: FieldKey) -> int:
+    """The instant `__fieldMeta` reports for a key: an unstamped winner reports its created_at."""
+    return key[1] if key[0] == UNSTAMPED else key[0]
+
+
+# --- state -------------------------------------------------------------------------------
+
+
+class RecordState:
+    """The merged state of one record. Mutable; only `apply_row`/`merge_into` change the merge
+    fields, the caller sets `last_lsn`/`last_applied_us` (bookkeeping, not merged content).
+
+    Invariants:
+    - `values.keys() == keys.keys()`; neither holds a name in `RESERVED_FIELDS`;
+    - `deleted` implies `values == keys == {}` (a tombstone carries nothing);
+    - `exists` and `deleted` never go back to False;
+    - key tuples are shared between the fields a row stamped alike and hold the row's own
+      `event_id` string; values are the row's objects, shared, never mutated.
+
+    Equality compares the merge content (ids, values, keys, flags), not the bookkeeping.
+    """
+
+    __slots__ = (
+        "deleted",
+        "exists",
+        "keys",
+        "last_applied_us",
+        "last_lsn",
+        "record_id",
+        "user_id",
+        "values",
+    )
+
+    def __init__(
+        self,
+        user_id: str,
+        record_id: str,
+        *,
+        values: dict[str, JsonValue] | None = None,
+        keys: dict[str, FieldKey] | None = None,
+        exists: bool = False,
+        deleted: bool = False,
+        last_lsn: Lsn | None = None,
+        last_applied_us: int | None = None,
+    ) -> None:
+        self.user_id = user_id
+        self.record_id = record_id
+        self.values: dict[str, JsonValue] = {} if values is None else values
+        self.keys: dict[str, FieldKey] = {} if keys is None else keys
+        self.exists = exists
+        self.deleted = deleted
+        self.last_lsn = last_lsn
+        self.last_applied_us = last_applied_us
+
+    def copy(self) -> RecordState:
+        """An independent state with the same content (values themselves are shared)."""
+        return RecordState(
+            self.user_id,
+            self.record_id,
+            values=dict(self.values),
+            keys=dict(self.keys),
+            exists=self.exists,
+            deleted=self.deleted,
+            last_lsn=self.last_lsn,
+            last_applied_us=self.last_applied_us,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RecordState):
+            return NotImplemented
+        return (
+            self.user_id == other.user_id
+            and self.record_id == other.record_id
+            and self.exists == other.exists
+            and self.deleted == other.deleted
+            and self.keys == other.keys
+            and self.values == other.values
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        flags = "deleted" if self.deleted else ("exists" if self.exists else "empty")
+        return (
+            f"RecordState({self.user_id!r}, {self.record_id!r}, {flags}, "
+            f"fields={sorted(self.values)})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyOutcome:
+    """What one `apply_row` did.
+
+    `changed`: the state (values, merge keys, exists, deleted) changed, so it must be persisted.
+    `invalid_stamps`: candidate fields of the row whose stamp was invalid (created_at used),
+    counted on every application (a replayed row counts again; rows reaching a tombstone are
+    not inspected and count 0).
+    `created`: the row made the record exist (first non-delete row, no tombstone).
+    """
+
+    changed: bool
+    invalid_stamps: int
+    created: bool = False
+
+
+_UNCHANGED: Final = ApplyOutcome(False, 0)
+_CHANGED: Final = ApplyOutcome(True, 0)
+_CREATED: Final = ApplyOutcome(True, 0, True)
+_ABSENT: Final = object()
+
+
+def apply_row(state: RecordState, row: ChangeRow) -> ApplyOutcome:
+    """Fold one row into `state` (same user and record; the caller routes rows)."""
+    if row.op == OP_DELETE:
+        if state.deleted:
+            return _UNCHANGED
+        state.deleted = True
+        state.values = {}
+        state.keys = {}
+        return _CHANGED
+
+    created = not state.exists and not state.deleted
+    changed = not state.exists
+    state.exists = True
+    data = row.data
+    if state.deleted or not data:
+        # A tombstone ignores values: nothing may resurrect the record.
+        return _CREATED if created else (_CHANGED if changed else _UNCHANGED)
+
+    meta = row.field_meta
+    created_at = row.created_at_us
+    event_id = row.event_id
+    may_be_unstamped = row.op == OP_INSERT
+    values = state.values
+    keys = state.keys
+    invalid = 0
+    last_text: object = None  # the row's previous stamp text and its instant: fields of a
+    last_parsed: int | None = None  # row nearly always share one stamp, so parse it once
+    last_stamp = None
+    last_key: FieldKey = (0, 0, "")
+    for name, value in data.items():
+        if name in RESERVED_FIELDS:
+            continue
+        raw = meta.get(name, _ABSENT)
+        stamp: int | None
+        if raw is _ABSENT and may_be_unstamped:
+            stamp = UNSTAMPED
+        else:
+            # Inlined parse_stamp (same rule), memoised on the text within the row.
+            text = raw.get("at") if isinstance(raw, dict) else raw
+            if isinstance(text, str):
+                if text != last_text:
+                    last_text = text
+                    last_parsed = _parse_text(text) if len(text) <= _MAX_STAMP_LEN else None
+                stamp = last_parsed
+            else:
+                stamp = None
+            if stamp is None:
+                stamp = created_at
+                invalid += 1
+        # One tuple per distinct stamp of the row (usually one per row): memory, not speed.
+        if stamp != last_stamp:
+            last_stamp = stamp
+            last_key = (stamp, created_at, event_id)
+        current = keys.get(name)
+        if current is None:
+            name = sys.intern(name)  # one field-name string for all records
+            keys[name] = last_key
+            values[name] = value
+            changed = True
+        elif last_key > current:
+            keys[name] = last_key
+            values[name] = value
+            changed = True
+
+    if invalid:
+        return ApplyOutcome(changed, invalid, created)
+    return _CREATED if created else (_CHANGED if changed else _UNCHANGED)
+
+
+def merge_into(target: RecordState, source: RecordState) -> bool:
+    """Join `source` into `target` in place; True if `target`'s merge content changed.
+
+    Bookkeeping takes the later of both `last_lsn`/`last_applied_us` and does not count as a
+    change. `source` is not modified; its values and key tuples become shared.
+    """
+    if target.user_id != source.user_id or target.record_id != source.record_id:
+        raise ValueError(
+            f"cannot merge record {source.user_id}/{source.record_id} "
+            f"into {target.user_id}/{target.record_id}"
+        )
+    changed = False
+    if source.exists and not target.exists:
+        target.exists = True
+        changed = True
+    if source.deleted and not target.deleted:
+        target.deleted = True
+        target.values = {}
+        target.keys = {}
+        changed = True
+    if not target.deleted:
+        keys = target.keys
+        values = target.values
+        for name, key in source.keys.items():
+            current = keys.get(name)
+            if current is None or key > current:
+                keys[name] = key
+                values[name] = source.values[name]
+                changed = True
+    if source.last_lsn is not None and (
+        target.last_lsn is None or source.last_lsn > target.last_lsn
+    ):
+        target.last_lsn = source.last_lsn
+    if source.last_applied_us is not None and (
+        target.last_applied_us is None or source.last_applied_us > target.last_applied_us
+    ):
+        target.last_applied_us = source.last_applied_us
+    return changed
+
+
+def merge_states(a: RecordState, b: RecordState) -> RecordState:
+    """The join of two states of the same record, as a new state (commutative, associative,
+    idempotent; `merge_states(fold(r1), fold(r2)) == fold(r1 + r2)`)."""
+    joined = a.copy()
+    merge_into(joined, b)
+    return joined
+
+
+# --- output and persistence --------------------------------------------------------------
+
+
+def to_record(state: RecordState) -> dict[str, JsonValue]:
+    """The merged record: the winning values, `id = record_id`, and `__fieldMeta` with each
+    field's winning stamp as ISO text. A new top-level dict; nested values are shared."""
+    record: dict[str, JsonValue] = {"id": state.record_id}
+    record.update(state.values)
+    record["__fieldMeta"] = {name: format_stamp(_stamp_of(key)) for name, key in state.keys.items()}
+    return record
+
+
+def keys_to_json(state: RecordState) -> dict[str, JsonValue]:
+    """The merge keys as JSON, for the `merge_keys` column beside `record`:
+    `{field: [stamp_us | null, created_us, event_id]}`, null standing for an unstamped insert
+    field. The integers of real instants stay below 2**53, so JSON readers keep them exact."""
+    return {
+        name: [None if stamp == UNSTAMPED else stamp, created, event_id]
+        for name, (stamp, created, event_id) in state.keys.items()
+    }
+
+
+def _key_from_json(name: str, entry: object) -> FieldKey:
+    if isinstance(entry, list) and len(entry) == 3:
+        stamp, created, event_id = entry
+        if (
+            (stamp is None or (isinstance(stamp, int) and not isinstance(stamp, bool)))
+            and isinstance(created, int)
+            and not isinstance(created, bool)
+            and isinstance(event_id, str)
+        ):
+            return (UNSTAMPED if stamp is None else stamp, created, event_id)
+    raise ValueError(f"merge key of field {name!r} is not [stamp|null, created, event]: {entry!r}")
+
+
+def state_from_persisted(
+    user_id: str,
+    record_id: str,
+    record: Mapping[str, JsonValue],
+    keys_json: Mapping[str, JsonValue],
+    deleted: bool,
+    exists: bool | None = None,
+    *,
+    last_lsn: Lsn | None = None,
+    last_applied_us: int | None = None,
+) -> RecordState:
+    """Rebuild a state from `to_record` output and `keys_to_json` output; it merges exactly
+    like the state they were taken from. `exists` defaults to `not deleted` (a tombstone's
+    `exists` only tells whether a non-delete row was seen; views ignore it).
+
+    Raises ValueError when a record field has no key or a key no field (`id` and
+    `__fieldMeta` of the record are derived and ignored).
+    """
+    state = RecordState(
+        user_id,
+        record_id,
+        exists=(not deleted) if exists is None else exists,
+        deleted=deleted,
+        last_lsn=last_lsn,
+        last_applied_us=last_applied_us,
+    )
+    if deleted:
+        return state
+    shared: dict[FieldKey, FieldKey] = {}  # one tuple per distinct key, as after apply_row
+    for name, entry in keys_json.items():
+        if name not in record or name in RESERVED_FIELDS:
+            raise ValueError(f"record {user_id}/{record_id}: merge key for missing field {name!r}")
+        key = _key_from_json(name, entry)
+        key = shared.setdefault(key, key)
+        name = sys.intern(name)
+        state.keys[name] = key
+        state.values[name] = record[name]
+    for name in record:
+        if name not in state.keys and name not in RESERVED_FIELDS:
+            raise ValueError(f"record {user_id}/{record_id}: field {name!r} has no merge key")
+    return state
+
+
+# --- views -------------------------------------------------------------------------------
+
+
+def _js_truthy(value: JsonValue) -> bool:
+    # JS truthiness as the web app applies it: null, false, 0, NaN and "" are falsy;
+    # every array and object (even empty) is truthy.
+    if value is None or value is False or value == "":
+        return False
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value != 0 and value == value
+    return True
+
+
+def mission_view(state: RecordState) -> dict[str, JsonValue] | None:
+    """The mission record, or None if it never existed or was deleted. A soft-deleted
+    mission (merged `deletedAt` set) is kept; due-ness filters it."""
+    if not state.exists or state.deleted:
+        return None
+    return to_record(state)
+
+
+def agent_is_live(state: RecordState) -> bool:
+    """An agent exists, has no tombstone and no truthy merged `deletedAt`."""
+    return state.exists and not state.deleted and not _js_truthy(state.values.get("deletedAt"))
+
+
+def agent_view(state: RecordState) -> dict[str, JsonValue] | None:
+    """The agent record, or None if it never existed, was deleted or has `deletedAt` set."""
+    return to_record(state) if agent_is_live(state) else None

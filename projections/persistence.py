@@ -1,0 +1,246 @@
+"""Snapshots, checkpoint and dead letters in PostgreSQL (`mana_ai` schema).
+
+Invariant (group commit): the snapshot rows changed by a run of transactions, their dead
+letters and the checkpoint (end LSN of the last of those transactions) are written in ONE
+database transaction. Only after it commits may that LSN be confirmed to the slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import orjson
+from psycopg import AsyncConnection, sql
+
+from projections.merge import RecordState, keys_to_json, state_from_persisted, to_record
+from projections.projector import DeadLetter
+from stream.lsn import Lsn
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Snapshot batches above this size go through COPY into a staging table, smaller ones
+# through a pipelined executemany.
+_COPY_THRESHOLD = 64
+
+
+def us_to_datetime(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def datetime_to_us(dt: datetime) -> int:
+    return (dt - _EPOCH) // timedelta(microseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    slot: str
+    lsn: Lsn
+    commit_time_us: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRow:
+    """A snapshot serialised at capture time (later in-memory changes cannot leak in)."""
+
+    user_id: str
+    record_id: str
+    record: bytes
+    merge_keys: bytes
+    last_applied_us: int
+    lsn: Lsn
+    deleted: bool
+
+
+def serialize(state: RecordState) -> SnapshotRow:
+    return SnapshotRow(
+        user_id=state.user_id,
+        record_id=state.record_id,
+        record=orjson.dumps(to_record(state)),
+        merge_keys=orjson.dumps(keys_to_json(state)),
+        last_applied_us=state.last_applied_us or 0,
+        lsn=state.last_lsn or Lsn(0),
+        deleted=state.deleted,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PersistBatch:
+    missions: Sequence[SnapshotRow]
+    agents: Sequence[SnapshotRow]
+    dead_letters: Sequence[DeadLetter]
+    checkpoint: Checkpoint
+
+    @property
+    def size(self) -> int:
+        return len(self.missions) + len(self.agents) + len(self.dead_letters)
+
+
+_TABLES = {
+    "mission": ("mission_snapshots", "mission_id"),
+    "agent": ("agent_snapshots", "agent_id"),
+}
+
+
+def _upsert_sql(kind: str, source: sql.Composable) -> sql.Composed:
+    table, id_col = _TABLES[kind]
+    return sql.SQL(
+        "INSERT INTO mana_ai.{table} AS t (user_id, {id}, record, merge_keys, last_applied_at,"
+        " lsn, deleted, updated_at) {source}"
+        " ON CONFLICT (user_id, {id}) DO UPDATE SET record = EXCLUDED.record,"
+        " merge_keys = EXCLUDED.merge_keys, last_applied_at = EXCLUDED.last_applied_at,"
+        " lsn = EXCLUDED.lsn, deleted = EXCLUDED.deleted, updated_at = now()"
+    ).format(table=sql.Identifier(table), id=sql.Identifier(id_col), source=source)
+
+
+async def _write_snapshots(
+    conn: AsyncConnection[tuple[object, ...]], kind: str, rows: Sequence[SnapshotRow]
+) -> None:
+    if not rows:
+        return
+    if len(rows) < _COPY_THRESHOLD:
+        query = _upsert_sql(
+            kind,
+            sql.SQL("VALUES (%s, %s, %s::jsonb, %s::jsonb, %s, %s::pg_lsn, %s, now())"),
+        )
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                query,
+                [
+                    (
+                        r.user_id,
+                        r.record_id,
+                        r.record.decode(),
+                        r.merge_keys.decode(),
+                        us_to_datetime(r.last_applied_us),
+                        str(r.lsn),
+                        r.deleted,
+                    )
+                    for r in rows
+                ],
+            )
+        return
+    stage = sql.Identifier(f"mr_stage_{kind}")
+    await conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (user_id text, record_id text, record text,"
+            " merge_keys text, last_applied_at timestamptz, lsn text, deleted boolean)"
+            " ON COMMIT DELETE ROWS"
+        ).format(stage)
+    )
+    async with conn.cursor() as cur:
+        async with cur.copy(sql.SQL("COPY {} FROM STDIN").format(stage)) as copy:
+            for r in rows:
+                await copy.write_row(
+                    (
+                        r.user_id,
+                        r.record_id,
+                        r.record.decode(),
+                        r.merge_keys.decode(),
+                        us_to_datetime(r.last_applied_us),
+                        str(r.lsn),
+                        r.deleted,
+                    )
+                )
+        await cur.execute(
+            _upsert_sql(
+                kind,
+                sql.SQL(
+                    "SELECT user_id, record_id, record::jsonb, merge_keys::jsonb,"
+                    " last_applied_at, lsn::pg_lsn, deleted, now() FROM {}"
+                ).format(stage),
+            )
+        )
+
+
+async def write_batch(conn: AsyncConnection[tuple[object, ...]], batch: PersistBatch) -> None:
+    """Write snapshots, dead letters and the checkpoint atomically."""
+    async with conn.transaction():
+        await _write_snapshots(conn, "mission", batch.missions)
+        await _write_snapshots(conn, "agent", batch.agents)
+        if batch.dead_letters:
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO mana_ai.dead_letter (lsn, event_id, reason, raw)"
+                    " VALUES (%s::pg_lsn, %s, %s, %s::jsonb)",
+                    [
+                        (str(d.lsn), d.event_id, d.reason, orjson.dumps(d.raw).decode())
+                        for d in batch.dead_letters
+                    ],
+                )
+        cp = batch.checkpoint
+        await conn.execute(
+            "INSERT INTO mana_ai.stream_checkpoint (slot_name, lsn, commit_time, updated_at)"
+            " VALUES (%s, %s::pg_lsn, %s, now())"
+            " ON CONFLICT (slot_name) DO UPDATE SET lsn = EXCLUDED.lsn,"
+            " commit_time = coalesce(EXCLUDED.commit_time, mana_ai.stream_checkpoint.commit_time),"
+            " updated_at = now()",
+            (
+                cp.slot,
+                str(cp.lsn),
+                None if cp.commit_time_us is None else us_to_datetime(cp.commit_time_us),
+            ),
+        )
+
+
+async def read_checkpoint(
+    conn: AsyncConnection[tuple[object, ...]], slot: str
+) -> Checkpoint | None:
+    cur = await conn.execute(
+        "SELECT lsn::text, commit_time FROM mana_ai.stream_checkpoint WHERE slot_name = %s",
+        (slot,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    commit_time = row[1]
+    return Checkpoint(
+        slot=slot,
+        lsn=Lsn.parse(str(row[0])),
+        commit_time_us=datetime_to_us(commit_time) if isinstance(commit_time, datetime) else None,
+    )
+
+
+async def load_snapshots(conn: AsyncConnection[tuple[object, ...]], kind: str) -> list[RecordState]:
+    """Every persisted snapshot of one kind, as merge states."""
+    table, id_col = _TABLES[kind]
+    states: list[RecordState] = []
+    async with conn.cursor(binary=False) as cur:
+        await cur.execute(
+            sql.SQL(
+                "SELECT user_id, {id}, record::text, merge_keys::text, deleted,"
+                " lsn::text, (extract(epoch from last_applied_at) * 1000000)::bigint"
+                " FROM mana_ai.{table}"
+            ).format(id=sql.Identifier(id_col), table=sql.Identifier(table))
+        )
+        async for row in cur:
+            record = orjson.loads(str(row[2]))
+            keys = orjson.loads(str(row[3]))
+            state = state_from_persisted(str(row[0]), str(row[1]), record, keys, bool(row[4]))
+            state.last_lsn = Lsn.parse(str(row[5]))
+            state.last_applied_us = int(str(row[6]))
+            states.append(state)
+    return states
+
+
+async def reset(conn: AsyncConnection[tuple[object, ...]], slot: str) -> None:
+    """Discard snapshots and the checkpoint (used by `rebuild`)."""
+    async with conn.transaction():
+        await conn.execute("TRUNCATE mana_ai.mission_snapshots, mana_ai.agent_snapshots")
+        await conn.execute("DELETE FROM mana_ai.stream_checkpoint WHERE slot_name = %s", (slot,))
+
+
+async def snapshot_counts(conn: AsyncConnection[tuple[object, ...]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for kind, (table, _id) in _TABLES.items():
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT count(*) FILTER (WHERE NOT deleted), count(*) FILTER (WHERE deleted)"
+                " FROM mana_ai.{}"
+            ).format(sql.Identifier(table))
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        out[kind] = {"live": int(str(row[0])), "deleted": int(str(row[1]))}
+    return out

@@ -1,0 +1,181 @@
+"""In-memory snapshot stores: every mission (or every agent) of every user, merged.
+
+One `SnapshotStore` per kind holds a `RecordState` per `(user_id, record_id)` and the set of
+states changed since the persister last took them. Pure and synchronous: the consumer applies
+rows, the persister takes the dirty states and writes `to_record`/`keys_to_json` of each; no
+locks, because both run on one event loop and neither awaits while touching the store.
+
+Invariants:
+- a key is dirty iff its state changed (merge content) since it was last restored or taken;
+- `live_count()` equals the number of states whose view is not None, kept incrementally so
+  reading it (a metric) costs nothing;
+- states handed out (`get`, iteration, `take_dirty`) are the live objects: read or serialise
+  them before the next `apply`, never mutate them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, Literal, TypeAlias
+
+from projections.merge import (
+    ApplyOutcome,
+    RecordState,
+    agent_is_live,
+    agent_view,
+    apply_row,
+    merge_into,
+    mission_view,
+)
+from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow, JsonValue
+
+Kind: TypeAlias = Literal["mission", "agent"]
+StoreKey: TypeAlias = tuple[str, str]
+"""`(user_id, record_id)`."""
+
+_TABLE_OF: Final[dict[str, str]] = {"mission": MISSIONS_TABLE, "agent": AGENTS_TABLE}
+
+
+def _mission_is_live(state: RecordState) -> bool:
+    return state.exists and not state.deleted
+
+
+class SnapshotStore:
+    """The merged states of one kind of record, with dirty tracking for the persister."""
+
+    __slots__ = ("_dirty", "_is_live", "_live", "_states", "_view", "kind", "table_name")
+
+    def __init__(self, kind: Kind) -> None:
+        if kind not in _TABLE_OF:
+            raise ValueError(f"unknown snapshot kind {kind!r} (expected 'mission' or 'agent')")
+        self.kind: Final = kind
+        self.table_name: Final = _TABLE_OF[kind]
+        self._states: dict[StoreKey, RecordState] = {}
+        # A dict, not a set: insertion-ordered, so take_dirty() is deterministic.
+        self._dirty: dict[StoreKey, RecordState] = {}
+        self._live = 0
+        self._is_live: Callable[[RecordState], bool] = (
+            _mission_is_live if kind == "mission" else agent_is_live
+        )
+        self._view: Callable[[RecordState], dict[str, JsonValue] | None] = (
+            mission_view if kind == "mission" else agent_view
+        )
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def apply(self, row: ChangeRow) -> ApplyOutcome:
+        """Fold one row into its record's state, creating the state on first sight.
+
+        Raises ValueError for a row of another table: routing rows is the caller's job.
+        """
+        if row.table_name != self.table_name or row.app_id != APP_ID:
+            raise ValueError(
+                f"{self.kind} store got a row of {row.app_id}/{row.table_name} "
+                f"(event {row.event_id})"
+            )
+        key = (row.user_id, row.record_id)
+        state = self._states.get(key)
+        if state is None:
+            state = RecordState(row.user_id, row.record_id)
+            self._states[key] = state
+            was_live = False
+        else:
+            was_live = self._is_live(state)
+        outcome = apply_row(state, row)
+        if outcome.changed:
+            self._dirty[key] = state
+            self._live += self._is_live(state) - was_live
+        return outcome
+
+    def merge_in(self, state: RecordState) -> bool:
+        """Join `state` into the store (taking ownership of it if the key is new); True and
+        dirty if the store's state changed."""
+        key = (state.user_id, state.record_id)
+        current = self._states.get(key)
+        if current is None:
+            self._states[key] = state
+            self._live += self._is_live(state)
+            self._dirty[key] = state
+            return True
+        was_live = self._is_live(current)
+        changed = merge_into(current, state)
+        if changed:
+            self._dirty[key] = current
+            self._live += self._is_live(current) - was_live
+        return changed
+
+    def restore(self, states: Iterable[RecordState]) -> int:
+        """Load persisted states (taking ownership); returns how many were read.
+
+        A restored state is clean, since it is what the database holds. If the store already
+        has the key (rows applied before the load finished), the two are joined, and the
+        result is dirty only if the database copy lacked something.
+        """
+        count = 0
+        for loaded in states:
+            count += 1
+            key = (loaded.user_id, loaded.record_id)
+            current = self._states.get(key)
+            if current is not None:
+                self._live -= self._is_live(current)
+                self._dirty.pop(key, None)
+                if merge_into(loaded, current):
+                    self._dirty[key] = loaded
+            self._states[key] = loaded
+            self._live += self._is_live(loaded)
+        return count
+
+    def clear(self) -> None:
+        """Forget every state (a rebuild starts from nothing)."""
+        self._states.clear()
+        self._dirty.clear()
+        self._live = 0
+
+    def take_dirty(self) -> list[RecordState]:
+        """The states changed since the last call, oldest change first; clears the set."""
+        dirty = list(self._dirty.values())
+        self._dirty.clear()
+        return dirty
+
+    def mark_dirty(self, states: Iterable[RecordState]) -> None:
+        """Put states back into the dirty set (a persist attempt failed)."""
+        for state in states:
+            key = (state.user_id, state.record_id)
+            if self._states.get(key) is state:
+                self._dirty[key] = state
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def get(self, user_id: str, record_id: str) -> RecordState | None:
+        return self._states.get((user_id, record_id))
+
+    def view(self, user_id: str, record_id: str) -> dict[str, JsonValue] | None:
+        """The record as the planner sees it (`mission_view`/`agent_view`), or None."""
+        state = self._states.get((user_id, record_id))
+        return None if state is None else self._view(state)
+
+    def is_live(self, state: RecordState) -> bool:
+        """Whether `state` has a view of this kind."""
+        return self._is_live(state)
+
+    def live_count(self) -> int:
+        """How many states have a view (existing, not deleted; agents: no `deletedAt`)."""
+        return self._live
+
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._states
+
+    def __iter__(self) -> Iterator[RecordState]:
+        return iter(self._states.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"SnapshotStore({self.kind!r}, states={len(self._states)}, live={self._live}, "
+            f"dirty={len(self._dirty)})"
+        )

@@ -1,0 +1,224 @@
+"""Replication slot and publication management over a normal (non-replication) connection.
+
+The publication carries inserts only: other services hard-delete old `sync_changes` rows,
+and a publication with a row filter that also published deletes would make those DELETEs
+fail (`app_id` is not in the replica identity). On PostgreSQL 15+ it filters rows on the
+server (`WHERE (app_id = 'ai')`), so rows of other apps never cross the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import AsyncConnection, sql
+
+from mission_runner.errors import ReplicationError
+from stream.lsn import Lsn
+
+SOURCE_SCHEMA = "public"
+SOURCE_TABLE = "sync_changes"
+ROW_FILTER = "(app_id = 'ai'::text)"
+ROW_FILTER_MIN_VERSION = 150000
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    name: str
+    plugin: str | None
+    database: str | None
+    temporary: bool
+    active: bool
+    active_pid: int | None
+    restart_lsn: Lsn | None
+    confirmed_flush_lsn: Lsn | None
+    wal_status: str | None
+    safe_wal_size: int | None
+
+    @property
+    def lost(self) -> bool:
+        """Invalidated: the WAL it needs is gone, or it was never usable for decoding."""
+        return self.wal_status == "lost" or self.confirmed_flush_lsn is None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLag:
+    """Lag as the server sees it, read from the slot (works with no consumer connected)."""
+
+    current_lsn: Lsn
+    confirmed_flush_lsn: Lsn | None
+    restart_lsn: Lsn | None
+    lag_bytes: int | None
+    retained_bytes: int | None
+    safe_wal_size: int | None
+    wal_status: str | None
+    active: bool
+    spill_bytes: int | None
+    stream_bytes: int | None
+
+
+def _lsn(value: object) -> Lsn | None:
+    return None if value is None else Lsn.parse(str(value))
+
+
+async def server_version(conn: AsyncConnection[tuple[object, ...]]) -> int:
+    return conn.info.server_version
+
+
+async def get_slot(conn: AsyncConnection[tuple[object, ...]], name: str) -> SlotInfo | None:
+    cur = await conn.execute(
+        "SELECT slot_name, plugin, database, temporary, active, active_pid,"
+        " restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (name,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return SlotInfo(
+        name=str(row[0]),
+        plugin=None if row[1] is None else str(row[1]),
+        database=None if row[2] is None else str(row[2]),
+        temporary=bool(row[3]),
+        active=bool(row[4]),
+        active_pid=None if row[5] is None else int(str(row[5])),
+        restart_lsn=_lsn(row[6]),
+        confirmed_flush_lsn=_lsn(row[7]),
+        wal_status=None if row[8] is None else str(row[8]),
+        safe_wal_size=None if row[9] is None else int(str(row[9])),
+    )
+
+
+async def check_slot_usable(conn: AsyncConnection[tuple[object, ...]], slot: SlotInfo) -> None:
+    """Raise if the slot exists but belongs to something else."""
+    dbname = conn.info.dbname
+    if slot.plugin != "pgoutput" or slot.database != dbname:
+        raise ReplicationError(
+            f"replication slot {slot.name!r} exists but is not a pgoutput slot of database "
+            f"{dbname!r} (plugin {slot.plugin!r}, database {slot.database!r})",
+            slot=slot.name,
+            hint="set MISSION_RUNNER_SLOT to an unused name, or drop that slot",
+        )
+
+
+async def drop_slot(conn: AsyncConnection[tuple[object, ...]], name: str) -> None:
+    await conn.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+        (name,),
+    )
+
+
+async def slot_lag(conn: AsyncConnection[tuple[object, ...]], name: str) -> SlotLag | None:
+    stats = ", NULL::bigint, NULL::bigint"
+    join = ""
+    if conn.info.server_version >= 140000:
+        stats = ", st.spill_bytes, st.stream_bytes"
+        join = " LEFT JOIN pg_stat_replication_slots st ON st.slot_name = s.slot_name"
+    cur = await conn.execute(
+        "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.restart_lsn::text,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,"
+        " s.safe_wal_size, s.wal_status, s.active"
+        + stats
+        + " FROM pg_replication_slots s"
+        + join
+        + " WHERE s.slot_name = %s",
+        (name,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    current = _lsn(row[0])
+    assert current is not None
+    return SlotLag(
+        current_lsn=current,
+        confirmed_flush_lsn=_lsn(row[1]),
+        restart_lsn=_lsn(row[2]),
+        lag_bytes=None if row[3] is None else int(str(row[3])),
+        retained_bytes=None if row[4] is None else int(str(row[4])),
+        safe_wal_size=None if row[5] is None else int(str(row[5])),
+        wal_status=None if row[6] is None else str(row[6]),
+        active=bool(row[7]),
+        spill_bytes=None if row[8] is None else int(str(row[8])),
+        stream_bytes=None if row[9] is None else int(str(row[9])),
+    )
+
+
+def publication_ddl(name: str, version: int) -> sql.Composed:
+    table = sql.Identifier(SOURCE_SCHEMA, SOURCE_TABLE)
+    if version >= ROW_FILTER_MIN_VERSION:
+        return sql.SQL(
+            "CREATE PUBLICATION {} FOR TABLE {} WHERE (app_id = 'ai') WITH (publish = 'insert')"
+        ).format(sql.Identifier(name), table)
+    return sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
+        sql.Identifier(name), table
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PublicationInfo:
+    name: str
+    inserts: bool
+    updates: bool
+    deletes: bool
+    truncates: bool
+    has_table: bool
+    row_filter: str | None
+
+    @property
+    def server_filtered(self) -> bool:
+        return self.row_filter is not None
+
+
+async def get_publication(
+    conn: AsyncConnection[tuple[object, ...]], name: str
+) -> PublicationInfo | None:
+    qual = "pg_get_expr(pr.prqual, pr.prrelid)" if conn.info.server_version >= 150000 else "NULL"
+    cur = await conn.execute(
+        "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate,"
+        " (p.puballtables OR pr.prrelid IS NOT NULL), " + qual + " FROM pg_publication p"
+        " LEFT JOIN pg_publication_rel pr ON pr.prpubid = p.oid"
+        "  AND pr.prrelid = to_regclass(%s)"
+        " WHERE p.pubname = %s",
+        (f"{SOURCE_SCHEMA}.{SOURCE_TABLE}", name),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return PublicationInfo(
+        name=name,
+        inserts=bool(row[0]),
+        updates=bool(row[1]),
+        deletes=bool(row[2]),
+        truncates=bool(row[3]),
+        has_table=bool(row[4]),
+        row_filter=None if row[5] is None else str(row[5]),
+    )
+
+
+async def ensure_publication(
+    conn: AsyncConnection[tuple[object, ...]], name: str
+) -> PublicationInfo:
+    """Create the publication when missing; refuse one that would break the source table."""
+    info = await get_publication(conn, name)
+    version = conn.info.server_version
+    if info is None:
+        await conn.execute(publication_ddl(name, version))
+        info = await get_publication(conn, name)
+        assert info is not None
+        return info
+    fix = f"DROP PUBLICATION {name}; then let mission-runner create it, or run: " + publication_ddl(
+        name, version
+    ).as_string(conn)
+    if not info.has_table:
+        raise ReplicationError(
+            f"publication {name!r} does not include {SOURCE_SCHEMA}.{SOURCE_TABLE}", hint=fix
+        )
+    if not info.inserts:
+        raise ReplicationError(f"publication {name!r} does not publish inserts", hint=fix)
+    if info.row_filter is not None and (info.updates or info.deletes):
+        raise ReplicationError(
+            f"publication {name!r} has a row filter and publishes updates or deletes: "
+            "DELETEs on sync_changes by other services would fail",
+            hint=fix,
+        )
+    return info

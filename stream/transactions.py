@@ -1,0 +1,361 @@
+"""Assembles decoded pgoutput messages into committed transactions (sans-IO).
+
+pgoutput sends a plain transaction whole, when it commits: Begin, its changes, Commit.
+With protocol 2 and `streaming 'on'` a large transaction arrives early instead, in
+blocks (Stream Start ... Stream Stop) interleaved with other transactions, and is settled
+later by Stream Commit or Stream Abort; an abort may name a subtransaction, whose changes
+alone are then discarded. `TransactionAssembler.feed` takes the messages in stream order
+and hands back, at each commit, one `CommittedTransaction` holding everything that
+transaction did, so consumers never see a change that might still be rolled back.
+
+Invariants the consumer relies on:
+- A `CommittedTransaction` is returned exactly at its Commit / Stream Commit message and
+  contains only changes of committed (sub)transactions, in WAL order.
+- `in_transaction` is False only when nothing received is waiting for a commit decision;
+  only then may the consumer confirm a keepalive's WAL end to the slot.
+- Relation messages take effect at once, even inside a stream block whose transaction
+  later aborts: each row keeps the Relation that preceded it, and the server sends a
+  Relation again before any change whose shape differs from what it last sent.
+- Inside a stream block each change carries the xid of the (sub)transaction that made it
+  (observed on PostgreSQL 18, see tests/unit/test_pgoutput.py); Stream Abort with
+  `subxid != xid` drops exactly the changes carrying `subxid`. The server sends one
+  Stream Abort per aborted subtransaction (seen: a top-level abort first names its
+  released subtransaction, then itself), so nested savepoints need nothing more.
+- Protocol violations (Begin inside a transaction, Commit without Begin, a change outside
+  a transaction, a change for a relation never described, a Commit whose LSN differs from
+  its Begin's) raise `DecodeError` and leave the assembler unusable for that connection:
+  reconnect and start over from the slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, TypeAlias
+
+from mission_runner.errors import DecodeError
+from stream.lsn import Lsn
+from stream.pgoutput import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Origin,
+    PgOutputMessage,
+    Relation,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
+    Truncate,
+    TupleData,
+    Type,
+    Update,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RowInsert:
+    """An inserted row with the relation (as last described before the row) it belongs to."""
+
+    relation: Relation
+    values: TupleData
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedTransaction:
+    """Everything one committed transaction did that the publication sends.
+
+    `commit_lsn` is where the commit record starts, `end_lsn` where it ends: the position
+    to persist as the checkpoint once this transaction's effects are durable. `streamed`
+    tells that it arrived in stream blocks before it committed (protocol 2).
+    """
+
+    xid: int
+    commit_lsn: Lsn
+    end_lsn: Lsn
+    commit_time_us: int
+    inserts: list[RowInsert]
+    other_changes: list[Update | Delete | Truncate]
+    messages: list[LogicalMessage]
+    origin: str | None
+    streamed: bool
+
+
+_Buffered: TypeAlias = RowInsert | Update | Delete | Truncate | LogicalMessage
+
+
+class _OpenTransaction:
+    """The plain (non-streamed) transaction between its Begin and Commit."""
+
+    __slots__ = ("begin", "inserts", "messages", "origin", "other_changes", "rows")
+
+    def __init__(self, begin: Begin) -> None:
+        self.begin = begin
+        self.inserts: list[RowInsert] = []
+        self.other_changes: list[Update | Delete | Truncate] = []
+        self.messages: list[LogicalMessage] = []
+        self.origin: str | None = None
+        self.rows = 0
+
+
+class _StreamedTransaction:
+    """A streamed transaction's changes so far, each tagged with the xid of the
+    (sub)transaction that made it, so a subtransaction abort can drop exactly its own."""
+
+    __slots__ = ("entries", "origin", "rows")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, _Buffered]] = []
+        self.origin: str | None = None
+        self.rows = 0
+
+
+class TransactionAssembler:
+    """Feeds on the messages of one replication connection, in order."""
+
+    __slots__ = ("_block", "_buffered_rows", "_open", "_relations", "_streamed", "_types")
+
+    def __init__(self) -> None:
+        self._relations: dict[int, Relation] = {}
+        self._types: dict[int, Type] = {}
+        self._open: _OpenTransaction | None = None
+        self._streamed: dict[int, _StreamedTransaction] = {}  # top-level xid -> buffer
+        self._block: tuple[int, _StreamedTransaction] | None = None  # open stream block
+        self._buffered_rows = 0
+
+    @property
+    def in_transaction(self) -> bool:
+        """A plain transaction is open, or some streamed transaction awaits its outcome."""
+        return self._open is not None or bool(self._streamed)
+
+    @property
+    def buffered_rows(self) -> int:
+        """Inserted, updated and deleted rows held for transactions not yet committed."""
+        return self._buffered_rows
+
+    @property
+    def relations(self) -> Mapping[int, Relation]:
+        """Relation OID -> the latest Relation message for it."""
+        return MappingProxyType(self._relations)
+
+    @property
+    def types(self) -> Mapping[int, Type]:
+        """Type OID -> the latest Type message for it (non-built-in column types)."""
+        return MappingProxyType(self._types)
+
+    def feed(self, msg: PgOutputMessage, lsn: Lsn) -> CommittedTransaction | LogicalMessage | None:
+        """Take the next message; `lsn` (its frame's WAL start) is for errors only.
+
+        Returns the transaction at its commit, a non-transactional logical message at
+        once, and None for everything else.
+        """
+        open_txn = self._open
+        if type(msg) is Insert and open_txn is not None:  # the hot path, same rules
+            relation = self._relations.get(msg.relation_oid)
+            if relation is not None:
+                open_txn.inserts.append(_row_insert(relation, msg.new))
+                open_txn.rows += 1
+                self._buffered_rows += 1
+                return None
+        match msg:
+            case Insert():
+                row = RowInsert(self._relation(msg.relation_oid, lsn, "I"), msg.new)
+                self._add(row, msg.xid, lsn, "I")
+            case Update() | Delete():
+                tag = "U" if type(msg) is Update else "D"
+                self._relation(msg.relation_oid, lsn, tag)
+                self._add(msg, msg.xid, lsn, tag)
+            case Begin():
+                if self._open is not None or self._block is not None:
+                    raise DecodeError("Begin inside an open transaction", lsn=lsn, tag="B")
+                self._open = _OpenTransaction(msg)
+            case Commit():
+                return self._commit(msg, lsn)
+            case Relation():
+                self._relations[msg.oid] = msg
+            case Type():
+                self._types[msg.oid] = msg
+            case Truncate():
+                for oid in msg.relation_oids:
+                    self._relation(oid, lsn, "T")
+                self._add(msg, msg.xid, lsn, "T")
+            case LogicalMessage():
+                if msg.transactional:
+                    self._add(msg, msg.xid, lsn, "M")
+                elif self._open is not None or self._block is not None:
+                    raise DecodeError(
+                        "non-transactional message inside a transaction", lsn=lsn, tag="M"
+                    )
+                else:
+                    return msg
+            case Origin():
+                if self._block is not None:
+                    self._block[1].origin = msg.name
+                elif self._open is not None:
+                    self._open.origin = msg.name
+                else:
+                    raise DecodeError("Origin outside a transaction", lsn=lsn, tag="O")
+            case StreamStart():
+                self._stream_start(msg, lsn)
+            case StreamStop():
+                if self._block is None:
+                    raise DecodeError("Stream Stop without Stream Start", lsn=lsn, tag="E")
+                self._block = None
+            case StreamCommit():
+                return self._stream_commit(msg, lsn)
+            case StreamAbort():
+                self._stream_abort(msg, lsn)
+        return None
+
+    def _relation(self, oid: int, lsn: Lsn, tag: str) -> Relation:
+        relation = self._relations.get(oid)
+        if relation is None:
+            raise DecodeError(
+                f"change for relation OID {oid}, which no Relation message described",
+                lsn=lsn,
+                tag=tag,
+            )
+        return relation
+
+    def _add(self, change: _Buffered, xid: int | None, lsn: Lsn, tag: str) -> None:
+        """Buffer a change in the open transaction or the current stream block."""
+        is_row = tag in "IUD"
+        if self._open is not None:
+            open_txn = self._open
+            match change:
+                case RowInsert():
+                    open_txn.inserts.append(change)
+                case LogicalMessage():
+                    open_txn.messages.append(change)
+                case _:
+                    open_txn.other_changes.append(change)
+            open_txn.rows += is_row
+        elif self._block is not None:
+            if xid is None:
+                raise DecodeError("change in a stream block without an xid", lsn=lsn, tag=tag)
+            streamed = self._block[1]
+            streamed.entries.append((xid, change))
+            streamed.rows += is_row
+        else:
+            raise DecodeError("change outside a transaction", lsn=lsn, tag=tag)
+        self._buffered_rows += is_row
+
+    def _commit(self, commit: Commit, lsn: Lsn) -> CommittedTransaction:
+        txn = self._open
+        if txn is None:
+            raise DecodeError("Commit without Begin", lsn=lsn, tag="C")
+        if commit.commit_lsn != txn.begin.final_lsn:
+            raise DecodeError(
+                f"Commit LSN {commit.commit_lsn} differs from Begin's final LSN "
+                f"{txn.begin.final_lsn} (xid {txn.begin.xid})",
+                lsn=lsn,
+                tag="C",
+            )
+        self._open = None
+        self._buffered_rows -= txn.rows
+        return CommittedTransaction(
+            xid=txn.begin.xid,
+            commit_lsn=commit.commit_lsn,
+            end_lsn=commit.end_lsn,
+            commit_time_us=commit.commit_time_us,
+            inserts=txn.inserts,
+            other_changes=txn.other_changes,
+            messages=txn.messages,
+            origin=txn.origin,
+            streamed=False,
+        )
+
+    def _stream_start(self, msg: StreamStart, lsn: Lsn) -> None:
+        if self._open is not None or self._block is not None:
+            raise DecodeError("Stream Start inside a transaction or block", lsn=lsn, tag="S")
+        streamed = self._streamed.get(msg.xid)
+        if msg.first_segment:
+            if streamed is not None:
+                raise DecodeError(
+                    f"first segment of streamed xid {msg.xid}, which is already buffered",
+                    lsn=lsn,
+                    tag="S",
+                )
+            streamed = self._streamed[msg.xid] = _StreamedTransaction()
+        elif streamed is None:
+            raise DecodeError(
+                f"continued stream for xid {msg.xid}, whose first segment never came",
+                lsn=lsn,
+                tag="S",
+            )
+        self._block = (msg.xid, streamed)
+
+    def _stream_commit(self, msg: StreamCommit, lsn: Lsn) -> CommittedTransaction:
+        if self._open is not None or self._block is not None:
+            raise DecodeError("Stream Commit inside a transaction or block", lsn=lsn, tag="c")
+        streamed = self._streamed.pop(msg.xid, None)
+        if streamed is None:
+            raise DecodeError(
+                f"Stream Commit for xid {msg.xid}, which was never streamed", lsn=lsn, tag="c"
+            )
+        self._buffered_rows -= streamed.rows
+        inserts: list[RowInsert] = []
+        other_changes: list[Update | Delete | Truncate] = []
+        messages: list[LogicalMessage] = []
+        for _, change in streamed.entries:
+            match change:
+                case RowInsert():
+                    inserts.append(change)
+                case LogicalMessage():
+                    messages.append(change)
+                case _:
+                    other_changes.append(change)
+        return CommittedTransaction(
+            xid=msg.xid,
+            commit_lsn=msg.commit_lsn,
+            end_lsn=msg.end_lsn,
+            commit_time_us=msg.commit_time_us,
+            inserts=inserts,
+            other_changes=other_changes,
+            messages=messages,
+            origin=streamed.origin,
+            streamed=True,
+        )
+
+    def _stream_abort(self, msg: StreamAbort, lsn: Lsn) -> None:
+        """Drop the whole transaction, or the changes its aborted subtransaction made.
+
+        An abort for an xid we hold nothing for discards nothing (the server may announce
+        aborts of subtransactions whose changes it never sent)."""
+        if self._open is not None or self._block is not None:
+            raise DecodeError("Stream Abort inside a transaction or block", lsn=lsn, tag="A")
+        streamed = self._streamed.get(msg.xid)
+        if streamed is None:
+            return
+        if msg.subxid == msg.xid:
+            del self._streamed[msg.xid]
+            self._buffered_rows -= streamed.rows
+            return
+        kept = [entry for entry in streamed.entries if entry[0] != msg.subxid]
+        dropped_rows = sum(
+            1 for xid, change in streamed.entries if xid == msg.subxid and _is_row(change)
+        )
+        streamed.entries = kept
+        streamed.rows -= dropped_rows
+        self._buffered_rows -= dropped_rows
+
+
+def _row_insert(relation: Relation, values: TupleData) -> RowInsert:
+    """`RowInsert(relation, values)` without the frozen-dataclass `__init__` (which goes
+    through `object.__setattr__` per field); equal to it, as the unit tests check."""
+    row = _object_new(RowInsert)
+    _set_row_relation(row, relation)
+    _set_row_values(row, values)
+    return row
+
+
+_object_new: Final = object.__new__
+_set_row_relation: Final = RowInsert.__dict__["relation"].__set__
+_set_row_values: Final = RowInsert.__dict__["values"].__set__
+
+
+def _is_row(change: _Buffered) -> bool:
+    return type(change) is not Truncate and type(change) is not LogicalMessage
