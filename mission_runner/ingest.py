@@ -93,6 +93,10 @@ class Ingestor:
         self._pending_tx = 0
         self._pending_rows = 0
         self._first_pending: float | None = None
+        self._checkpoint_due: float | None = None
+        # Snapshot-changing transactions applied / persisted, counted (see is_idle).
+        self._data_seq = 0
+        self._persisted_seq = 0
         self._persist_wake = asyncio.Event()
         self._persist_lock = asyncio.Lock()
         self._repl: ReplicationConnection | None = None
@@ -160,21 +164,46 @@ class Ingestor:
                 waiter = self._markers.pop(msg.content.decode("ascii", "replace"), None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(tx.end_lsn)
-        self._pending_tx += 1
-        self._pending_rows += outcome.rows + len(outcome.dead_letters)
-        self._schedule_persist()
+        if outcome.changed_missions or outcome.changed_agents or outcome.dead_letters:
+            self._data_seq += 1
+            self._pending_tx += 1
+            self._pending_rows += outcome.rows + len(outcome.dead_letters)
+            if self._first_pending is None:
+                self._first_pending = self.clock.monotonic()
+            self._persist_wake.set()
+        else:
+            # Nothing to persist (heartbeat, marker, rows that changed nothing).
+            self._advance_idle(tx.end_lsn)
         self._notify(outcome)
 
     def on_logical_message(self, msg: LogicalMessage) -> None:
         """Non-transactional messages carry nothing for us."""
 
     def on_idle_position(self, lsn: Lsn) -> None:
-        if lsn > self.projector.applied_lsn:
-            self.projector.advance(lsn)
-            self._schedule_persist()
+        self.projector.advance(lsn)
+        self._advance_idle(lsn)
 
     def is_idle(self) -> bool:
-        return self.projector.applied_lsn <= self.persisted_lsn
+        """Nothing applied is waiting to be persisted."""
+        return self._persisted_seq == self._data_seq
+
+    def _advance_idle(self, lsn: Lsn) -> None:
+        """Confirm a position past which nothing of ours is pending.
+
+        Invariant: when every snapshot change is persisted, the server has sent everything
+        before `lsn`, and none of it changed a snapshot, confirming `lsn` loses nothing,
+        even before the checkpoint row says so: a restart streams from the later of our
+        checkpoint and the slot's position, and nothing relevant lies between them. Doing
+        it at once (not after a database write) also lets a shutting-down server's
+        walsender finish, which waits for us to confirm everything it sent.
+        """
+        if not self.is_idle():
+            return
+        if self._repl is not None:
+            self._repl.confirm(lsn)
+        if self._checkpoint_due is None:
+            self._checkpoint_due = self.clock.monotonic() + self.settings.status_interval
+            self._persist_wake.set()
 
     def _account(self, outcome: Outcome) -> None:
         m = self.metrics
@@ -214,31 +243,36 @@ class Ingestor:
 
     # -- group commit ---------------------------------------------------------------------
 
-    def _schedule_persist(self) -> None:
-        if self._first_pending is None:
-            self._first_pending = self.clock.monotonic()
-        self._persist_wake.set()
-
     def _batch_full(self) -> bool:
         s = self.settings
         return (
             self._pending_tx >= s.batch_max_transactions or self._pending_rows >= s.batch_max_rows
         )
 
-    def _capture(self) -> PersistBatch | None:
+    def _persist_deadline(self) -> float | None:
+        """When the persister should next write: soon after snapshot changes (group commit),
+        lazily for a checkpoint that only moved over empty transactions."""
+        if self._first_pending is not None:
+            if self._batch_full():
+                return 0.0
+            return self._first_pending + self.settings.batch_max_delay
+        return self._checkpoint_due
+
+    def _capture(self) -> tuple[PersistBatch, int] | None:
         """Take everything applied so far, serialised now. Synchronous, so atomic with
         respect to the stream: the checkpoint matches exactly the captured changes."""
         applied = self.projector.applied_lsn
+        seq = self._data_seq
         missions = self.missions.take_dirty()
         agents = self.agents.take_dirty()
-        if applied <= self.persisted_lsn and not missions and not agents and not self._dead_letters:
-            self._first_pending = None
-            return None
-        dead, self._dead_letters = self._dead_letters, []
+        self._first_pending = None
+        self._checkpoint_due = None
         self._pending_tx = 0
         self._pending_rows = 0
-        self._first_pending = None
-        return PersistBatch(
+        if applied <= self.persisted_lsn and not missions and not agents and not self._dead_letters:
+            return None
+        dead, self._dead_letters = self._dead_letters, []
+        batch = PersistBatch(
             missions=[persistence.serialize(s) for s in missions],
             agents=[persistence.serialize(s) for s in agents],
             dead_letters=dead,
@@ -246,13 +280,15 @@ class Ingestor:
                 self.settings.slot, applied, self.projector.applied_commit_time_us
             ),
         )
+        return batch, seq
 
     async def persist_now(self) -> None:
         """Persist what is applied, then confirm it to the slot."""
         async with self._persist_lock:
-            batch = self._capture()
-            if batch is None:
+            captured = self._capture()
+            if captured is None:
                 return
+            batch, seq = captured
             started = self.clock.monotonic()
             attempt = 0
             while True:
@@ -267,6 +303,7 @@ class Ingestor:
                     await asyncio.sleep(self._backoff(attempt))
             failpoints.hit("after-persist")
             self.persisted = batch.checkpoint
+            self._persisted_seq = max(self._persisted_seq, seq)
             self.metrics.persist_batches.inc()
             self.metrics.persist_seconds.observe(self.clock.monotonic() - started)
             self.metrics.checkpoint_lsn.set(int(batch.checkpoint.lsn))
@@ -276,20 +313,20 @@ class Ingestor:
 
     async def _persister(self) -> None:
         while True:
-            await self._persist_wake.wait()
-            self._persist_wake.clear()
-            while not self._batch_full() and self._first_pending is not None:
-                remaining = (
-                    self._first_pending + self.settings.batch_max_delay - (self.clock.monotonic())
-                )
-                if remaining <= 0:
-                    break
+            deadline = self._persist_deadline()
+            if deadline is None:
+                await self._persist_wake.wait()
+                self._persist_wake.clear()
+                continue
+            remaining = deadline - self.clock.monotonic()
+            if remaining > 0:
                 try:
                     async with asyncio.timeout(remaining):
                         await self._persist_wake.wait()
                 except TimeoutError:
-                    break
+                    pass
                 self._persist_wake.clear()
+                continue
             await self.persist_now()
 
     # -- heartbeat ------------------------------------------------------------------------
@@ -456,8 +493,6 @@ class Ingestor:
                 reason = "slot-invalidated"
             elif checkpoint is None:
                 reason = "slot-without-checkpoint"
-            elif slot.confirmed_flush_lsn is not None and slot.confirmed_flush_lsn > checkpoint.lsn:
-                reason = "checkpoint-behind-slot"
         elif checkpoint is not None:
             reason = "slot-missing"
         if slot is not None and reason is None:
@@ -504,7 +539,7 @@ class Ingestor:
         # (the merge is a join), so a rebuild never loses what the table no longer holds.
         self.projector.applied_lsn = created.consistent_point
         self.projector.applied_commit_time_us = self.clock.now_us()
-        self._first_pending = self.clock.monotonic()
+        self._data_seq += 1
         await self.persist_now()
         log.info(
             "loaded %d rows (%d missions, %d agents) in %.2f s",
