@@ -64,20 +64,40 @@ def create_schema(dsn: str) -> None:
         conn.execute(DDL.encode())
 
 
-# About 300 bytes of JSON per row, like a mission update with a few fields.
-PAYLOAD_SQL = (
-    "jsonb_build_object('title', 'Mission number ' || i, 'objective',"
+# About 300 bytes of JSON per row. Inserts carry the whole record with `field_meta = {}`
+# (as the sync service writes them); updates carry the changed fields, each with an object
+# stamp, as the web app writes them.
+INSERT_DATA = (
+    "jsonb_build_object('id', 'm' || (i %% %s), 'title', 'Mission number ' || i, 'objective',"
     " 'Keep the garden project on track and summarise what changed this week', 'state',"
     " 'active', 'nextRunAt', '2026-11-22T10:00:00.000Z', 'cadence',"
-    " jsonb_build_object('kind', 'daily', 'atHour', 8, 'atMinute', 30), 'inputs',"
-    " jsonb_build_array(jsonb_build_object('module', 'notes', 'table', 'notes', 'id', 'n' || i)))"
+    " jsonb_build_object('kind', 'daily', 'atHour', 8, 'atMinute', 30), 'iterations', '[]'::jsonb)"
+)
+UPDATE_DATA = (
+    "jsonb_build_object('title', 'Mission number ' || i, 'objective',"
+    " 'Keep the garden project on track and summarise what changed in week ' || i,"
+    " 'nextRunAt', to_char((timestamp '2026-11-22 10:00' + i * interval '1 minute'),"
+    " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), 'cadence',"
+    " jsonb_build_object('kind', 'daily', 'atHour', 8, 'atMinute', i %% 60),"
+    " 'inputs', jsonb_build_array(jsonb_build_object('module', 'notes', 'table', 'notes',"
+    " 'id', 'n' || i)))"
+)
+STAMP = (
+    "jsonb_build_object('at', to_char(clock_timestamp() AT TIME ZONE 'UTC',"
+    " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), 'actor', jsonb_build_object('kind', 'user'),"
+    " 'origin', 'user')"
+)
+UPDATE_META = (
+    f"(SELECT jsonb_object_agg(k, s) FROM (SELECT {STAMP} AS s) st,"
+    " unnest(ARRAY['title', 'objective', 'nextRunAt', 'cadence', 'inputs']) k)"
 )
 
 
 def insert_missions(
     dsn: str, *, rows: int, missions: int, tx_size: int = 1000, users: int = 100
 ) -> None:
-    """`rows` mission rows over `missions` records, in transactions of `tx_size`."""
+    """`rows` mission rows over `missions` records (first an insert of each, then updates),
+    in transactions of `tx_size`."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         for start in range(0, rows, tx_size):
             end = min(rows, start + tx_size) - 1
@@ -85,10 +105,9 @@ def insert_missions(
                 "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data,"
                 " field_meta, client_id)"
                 " SELECT 'ai', 'aiMissions', 'm' || (i %% %s), 'u' || ((i %% %s) %% %s),"
-                " CASE WHEN i < %s THEN 'insert' ELSE 'update' END, " + PAYLOAD_SQL + ","
-                " jsonb_build_object('title', jsonb_build_object('at',"
-                "  to_char(clock_timestamp() AT TIME ZONE 'UTC',"
-                "  'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))), 'bench-web'"
+                " CASE WHEN i < %s THEN 'insert' ELSE 'update' END,"
+                f" CASE WHEN i < %s THEN {INSERT_DATA} ELSE {UPDATE_DATA} END,"
+                f" CASE WHEN i < %s THEN '{{}}'::jsonb ELSE {UPDATE_META} END, 'bench-web'"
                 " FROM generate_series(%s::int, %s::int) i",
-                (missions, missions, users, missions, start, end),
+                (missions, missions, users, missions, missions, missions, missions, start, end),
             )

@@ -29,12 +29,18 @@ def main() -> None:
     ap.add_argument("--tx-size", type=int, default=1000)
     ap.add_argument("--missions", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=1, help="rounds, each on fresh slots")
+    ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for catch-up")
     args = ap.parse_args()
 
     with bench_server() as server:
         dsn = server.dsn
         create_schema(dsn)
-        env = {**os.environ, "DATABASE_URL": dsn, "LOG_LEVEL": "warning"}
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "LOG_LEVEL": "warning",
+            **dict(e.split("=", 1) for e in args.env),
+        }
         cli = [sys.executable, "-m", "mission_runner.cli"]
         print(
             f"PostgreSQL {server.version}; {args.rows} mission rows in transactions of "
