@@ -23,7 +23,7 @@ from mission_runner.app import App, open_app, redact, resolve_database
 from mission_runner.clock import SystemClock
 from mission_runner.demo import DemoUsers
 from mission_runner.devschema import create_dev_schema
-from mission_runner.errors import ConfigurationError, MissionRunnerError
+from mission_runner.errors import ConfigurationError, MissionRunnerError, SetupError
 from mission_runner.logs import setup_logging
 from mission_runner.migrations import migrate
 from mission_runner.settings import Settings
@@ -295,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(COMMANDS[args.command](settings, args))
     except ConfigurationError as exc:
         print(f"mission-runner: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SetupError as exc:
+        print(f"mission-runner: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except MissionRunnerError as exc:
         log.error("%s", exc)

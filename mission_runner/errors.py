@@ -52,6 +52,11 @@ class ReplicationError(MissionRunnerError):
         self.hint = hint
 
 
+class SetupError(ReplicationError):
+    """The database is not set up the way we need (table, publication, privileges, slot
+    owner). Fatal at start; the message says what to change."""
+
+
 class SlotLostError(ReplicationError):
     """The slot is missing or invalidated: the stream has a gap and must be rebuilt."""
 

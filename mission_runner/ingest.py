@@ -31,6 +31,7 @@ from mission_runner.errors import (
     MissionRunnerError,
     PersistenceError,
     ReplicationError,
+    SetupError,
     SlotInUseError,
     SlotLostError,
 )
@@ -144,6 +145,20 @@ class Ingestor:
                 changed_agents=[(s.user_id, s.record_id) for s in agents],
             )
         )
+
+    async def preflight(self) -> None:
+        """Check what only an operator can fix, before streaming: raises SetupError."""
+        async with self.pool.connection() as conn:
+            if not await slots.source_table_exists(conn):
+                raise SetupError(
+                    f"table {slots.SOURCE_SCHEMA}.{slots.SOURCE_TABLE} does not exist",
+                    hint="point DATABASE_URL at the sync service's database "
+                    "(for development: mission-runner dev-schema)",
+                )
+            await slots.ensure_publication(conn, self.settings.publication)
+            slot = await slots.get_slot(conn, self.settings.slot)
+            if slot is not None:
+                await slots.check_slot_usable(conn, slot)
 
     # -- the sink the replication connection calls ----------------------------------------
 
@@ -361,7 +376,9 @@ class Ingestor:
 
     async def run(self, stop: asyncio.Event, *, catch_up: bool = False) -> None:
         """Stream until `stop` is set (or, with `catch_up`, until everything committed before
-        the call is applied, persisted and confirmed)."""
+        the call is applied, persisted and confirmed). SetupError at start is fatal; later
+        (say, a rebuild that needs a privilege) it is logged and retried, never a crash loop."""
+        await self.preflight()
         async with asyncio.TaskGroup() as tg:
             persister = tg.create_task(self._persister(), name="persister")
             heartbeat = tg.create_task(self._heartbeat(), name="heartbeat")
@@ -554,6 +571,7 @@ class Ingestor:
     async def discard_state(self) -> None:
         """Forget snapshots and checkpoint, in memory and persisted (`rebuild`)."""
         async with self.pool.connection() as conn:
+            await migrate(conn)
             await persistence.reset(conn, self.settings.slot)
             await slots.drop_slot(conn, self.settings.slot)
         self.missions.clear()

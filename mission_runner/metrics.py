@@ -156,3 +156,84 @@ class Metrics:
             "Bytes of in-progress transactions streamed to us (pg_stat_replication_slots)",
             registry=r,
         )
+        # Mission runtime
+        self.due_queue = Gauge(
+            "mana_ai_due_queue",
+            "Missions scheduled in the due index",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "mana_ai_plans_in_flight",
+            "Missions being planned or written back now",
+            registry=r,
+        )
+        self.agent_decisions = Counter(
+            "mana_ai_agent_decisions",
+            "Gate decisions for due missions of an agent",
+            ["decision"],
+            registry=r,
+        )
+        self.dispatch_delay = Histogram(
+            "mana_ai_dispatch_delay_seconds",
+            "From a mission's nextRunAt to the planner start",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.plans_produced = Counter(
+            "mana_ai_plans_produced",
+            "Plans the planner produced",
+            registry=r,
+        )
+        self.plans_written_back = Counter(
+            "mana_ai_plans_written_back",
+            "Iterations appended to sync_changes",
+            registry=r,
+        )
+        self.mission_errors = Counter(
+            "mana_ai_mission_errors",
+            "Dispatches that ended in an error or a failed iteration",
+            registry=r,
+        )
+        self.parse_failures = Counter(
+            "mana_ai_parse_failures",
+            "Tool calls from the planner that could not be used",
+            registry=r,
+        )
+        self.tokens_used = Counter(
+            "mana_ai_tokens_used",
+            "Planner tokens used per agent",
+            ["agent_id"],
+            registry=r,
+        )
+        self.tool_calls = Counter(
+            "mana_ai_tool_calls",
+            "Tool calls proposed by the planner",
+            ["tool", "policy", "outcome"],
+            registry=r,
+        )
+        self.planner_rounds = Histogram(
+            "mana_ai_planner_rounds",
+            "Planner rounds per plan",
+            registry=r,
+            buckets=(1, 2, 3, 4, 5),
+        )
+        self.provider_errors = Counter(
+            "mana_ai_provider_errors",
+            "Planner provider errors",
+            ["provider", "kind"],
+            registry=r,
+        )
+        # HTTP
+        self.http_requests = Counter(
+            "mana_ai_http_requests",
+            "HTTP requests served",
+            ["method", "path", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "mana_ai_http_request_duration_seconds",
+            "HTTP request duration",
+            ["path"],
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )

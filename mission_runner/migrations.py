@@ -63,6 +63,34 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX IF NOT EXISTS dead_letter_ts_idx ON mana_ai.dead_letter (ts);
         """,
     ),
+    (
+        2,
+        "dispatch ledger and token usage",
+        """
+        CREATE TABLE IF NOT EXISTS mana_ai.dispatch_ledger (
+            user_id       text        NOT NULL,
+            mission_id    text        NOT NULL,
+            occurrence    timestamptz NOT NULL,
+            iteration_id  text,
+            status        text        NOT NULL
+                CHECK (status IN ('planning', 'written', 'failed', 'abandoned')),
+            attempts      int         NOT NULL DEFAULT 0,
+            last_error    text,
+            updated_at    timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (user_id, mission_id, occurrence)
+        );
+
+        CREATE TABLE IF NOT EXISTS mana_ai.token_usage (
+            id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            user_id     text        NOT NULL,
+            agent_id    text        NOT NULL,
+            mission_id  text        NOT NULL,
+            tokens      int         NOT NULL CHECK (tokens > 0),
+            ts          timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX IF NOT EXISTS token_usage_ts_idx ON mana_ai.token_usage (ts);
+        """,
+    ),
 ]
 
 

@@ -107,6 +107,20 @@ class Settings:
     # Logs
     log_level: str = "info"
     log_format: str = "text"
+    # Mission runtime
+    planner_url: str | None = None
+    planner_api_key: str | None = None
+    planner_model: str = "mana/reasoning"
+    planner_timeout: float = 120.0
+    planner_max_attempts: int = 3
+    planner_retry_base: float = 1.0
+    tool_catalog: Path | None = None
+    ledger_keep_days: int = 30
+    shutdown_grace: float = 6.0
+    # HTTP
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    ready_max_lag: float = 300.0
     # Crash testing only (see mission_runner/failpoints.py).
     failpoints: str | None = None
 
@@ -138,6 +152,18 @@ class Settings:
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             failpoints=env.get("MISSION_RUNNER_FAILPOINTS") or None,
+            planner_url=_url(env, "PLANNER_URL"),
+            planner_api_key=env.get("PLANNER_API_KEY") or None,
+            planner_model=(env.get("PLANNER_MODEL") or "mana/reasoning").strip(),
+            planner_timeout=_duration(env, "PLANNER_TIMEOUT", 120.0, minimum=0.1),
+            planner_max_attempts=_int(env, "PLANNER_MAX_ATTEMPTS", 3, minimum=1, maximum=20),
+            planner_retry_base=_duration(env, "PLANNER_RETRY_BASE", 1.0, minimum=0.001),
+            tool_catalog=_file(env, "PLANNER_TOOL_CATALOG"),
+            ledger_keep_days=_int(env, "MISSION_RUNNER_LEDGER_KEEP_DAYS", 30, minimum=1),
+            shutdown_grace=_duration(env, "MISSION_RUNNER_SHUTDOWN_GRACE", 6.0),
+            http_host=(env.get("HTTP_HOST") or "127.0.0.1").strip(),
+            http_port=_int(env, "HTTP_PORT", 8080, minimum=0, maximum=65535),
+            ready_max_lag=_duration(env, "MISSION_RUNNER_READY_MAX_LAG", 300.0, minimum=1),
         )
         if settings.reconnect_max_backoff < settings.reconnect_min_backoff:
             raise ConfigurationError(
@@ -147,6 +173,25 @@ class Settings:
         if data_dir.exists() and not data_dir.is_dir():
             raise ConfigurationError("MISSION_RUNNER_DATA_DIR", f"{data_dir} is not a directory")
         return settings
+
+
+def _url(env: Mapping[str, str], name: str) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    if not re.match(r"^https?://[^/\s]+", raw):
+        raise ConfigurationError(name, f"{raw!r} is not an http(s) URL, e.g. http://llm:8000")
+    return raw.rstrip("/")
+
+
+def _file(env: Mapping[str, str], name: str) -> Path | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigurationError(name, f"{raw!r} is not a readable file")
+    return path
 
 
 def _check_dsn(dsn: str) -> None:

@@ -12,7 +12,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 
-from mission_runner.errors import ReplicationError
+from mission_runner.errors import SetupError
 from projections.decode import COLUMNS
 from projections.projector import Outcome, Projector
 from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE
@@ -53,7 +53,7 @@ async def check_can_read_all(conn: AsyncConnection[tuple[object, ...]]) -> None:
     )
     row = await cur.fetchone()
     if row is None:
-        raise ReplicationError(
+        raise SetupError(
             f"table {SOURCE_SCHEMA}.{SOURCE_TABLE} does not exist",
             hint="point DATABASE_URL at the sync service's database "
             "(for development: mission-runner dev-schema)",
@@ -61,7 +61,7 @@ async def check_can_read_all(conn: AsyncConnection[tuple[object, ...]]) -> None:
     bypass, rls, forced, owner = (bool(v) for v in row)
     if rls and not bypass and (forced or not owner):
         user = conn.info.user
-        raise ReplicationError(
+        raise SetupError(
             f"role {user!r} cannot read every user's rows of sync_changes: row-level security"
             " applies and the role lacks BYPASSRLS",
             hint=f"ALTER ROLE {user} BYPASSRLS;  (needed for the initial load and rebuilds)",

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from psycopg import AsyncConnection, sql
 
-from mission_runner.errors import ReplicationError
+import psycopg
+
+from mission_runner.errors import SetupError
 from stream.lsn import Lsn
 
 SOURCE_SCHEMA = "public"
@@ -92,7 +94,7 @@ async def check_slot_usable(conn: AsyncConnection[tuple[object, ...]], slot: Slo
     """Raise if the slot exists but belongs to something else."""
     dbname = conn.info.dbname
     if slot.plugin != "pgoutput" or slot.database != dbname:
-        raise ReplicationError(
+        raise SetupError(
             f"replication slot {slot.name!r} exists but is not a pgoutput slot of database "
             f"{dbname!r} (plugin {slot.plugin!r}, database {slot.database!r})",
             slot=slot.name,
@@ -169,6 +171,14 @@ class PublicationInfo:
         return self.row_filter is not None
 
 
+async def source_table_exists(conn: AsyncConnection[tuple[object, ...]]) -> bool:
+    cur = await conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{SOURCE_SCHEMA}.{SOURCE_TABLE}",)
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def get_publication(
     conn: AsyncConnection[tuple[object, ...]], name: str
 ) -> PublicationInfo | None:
@@ -202,7 +212,20 @@ async def ensure_publication(
     info = await get_publication(conn, name)
     version = conn.info.server_version
     if info is None:
-        await conn.execute(publication_ddl(name, version))
+        ddl = publication_ddl(name, version)
+        try:
+            await conn.execute(ddl)
+        except psycopg.errors.UndefinedTable:
+            raise SetupError(
+                f"table {SOURCE_SCHEMA}.{SOURCE_TABLE} does not exist",
+                hint="point DATABASE_URL at the sync service's database "
+                "(for development: mission-runner dev-schema)",
+            ) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise SetupError(
+                f"cannot create publication {name!r}: {exc}",
+                hint=f"as the owner of {SOURCE_SCHEMA}.{SOURCE_TABLE} run: {ddl.as_string(conn)}",
+            ) from None
         info = await get_publication(conn, name)
         assert info is not None
         return info
@@ -210,13 +233,13 @@ async def ensure_publication(
         name, version
     ).as_string(conn)
     if not info.has_table:
-        raise ReplicationError(
+        raise SetupError(
             f"publication {name!r} does not include {SOURCE_SCHEMA}.{SOURCE_TABLE}", hint=fix
         )
     if not info.inserts:
-        raise ReplicationError(f"publication {name!r} does not publish inserts", hint=fix)
+        raise SetupError(f"publication {name!r} does not publish inserts", hint=fix)
     if info.row_filter is not None and (info.updates or info.deletes):
-        raise ReplicationError(
+        raise SetupError(
             f"publication {name!r} has a row filter and publishes updates or deletes: "
             "DELETEs on sync_changes by other services would fail",
             hint=fix,

@@ -1,0 +1,139 @@
+"""Commit-to-snapshot latency at a steady write rate (target: p99 <= 50 ms, in memory).
+
+A separate process commits mission updates at a steady rate (default 2000 rows/s, in
+transactions of 10 rows); the service runs in this process. For each applied transaction we
+record now - its commit time (from the stream's Commit message), and for each row now - the
+time the writer stamped into it just before sending it.
+
+    .venv/bin/python bench/latency.py [--rate 2000] [--seconds 20] [--rows-per-tx 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mission_runner.runtime import tune_gc  # noqa: E402
+
+from bench.common import bench_server, create_schema  # noqa: E402
+from mission_runner.app import open_app  # noqa: E402
+from mission_runner.settings import Settings  # noqa: E402
+from projections.projector import Outcome  # noqa: E402
+
+
+def writer(dsn: str, rate: int, seconds: float, rows_per_tx: int, ready: object) -> None:
+    """Commit `rate` rows per second, `rows_per_tx` per transaction, on a fixed schedule."""
+    interval = rows_per_tx / rate
+    with psycopg.connect(dsn, autocommit=False) as conn:
+        ready.set()  # type: ignore[attr-defined]
+        start = time.monotonic()
+        n = 0
+        while (now := time.monotonic()) - start < seconds:
+            due = start + n * interval
+            if due > now:
+                time.sleep(due - now)
+            sent = time.time_ns() // 1000
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data,"
+                    " field_meta, client_id) VALUES ('ai', 'aiMissions', %s, %s, 'update',"
+                    " jsonb_build_object('title', %s::text, 'sentAt', %s::bigint),"
+                    " jsonb_build_object('title', %s::text, 'sentAt', %s::text), 'bench')",
+                    [
+                        (
+                            f"m{(n * rows_per_tx + k) % 5000}",
+                            f"u{k % 50}",
+                            f"title {n}",
+                            sent,
+                            f"2026-11-22T00:00:00.{n % 1000:03d}Z",
+                            "2026-11-22T00:00:00.000Z",
+                        )
+                        for k in range(rows_per_tx)
+                    ],
+                )
+            conn.commit()
+            n += 1
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(dsn: str, args: argparse.Namespace) -> None:
+    settings = replace(Settings.from_env({}), database_url=dsn)
+    commit_lat: list[float] = []
+    row_lat: list[float] = []
+    async with open_app(settings, dsn=dsn) as app:
+        ing = app.ingestor
+        await ing.boot()
+        tune_gc()
+
+        def on_applied(outcome: Outcome) -> None:
+            now = app.clock.now_us()
+            if not outcome.changed_missions or ing.projector.applied_commit_time_us is None:
+                return
+            commit_lat.append((now - ing.projector.applied_commit_time_us) / 1000)
+            for user, mission in outcome.changed_missions:
+                state = ing.missions.get(user, mission)
+                sent = state.values.get("sentAt") if state else None
+                if isinstance(sent, int):
+                    row_lat.append((now - sent) / 1000)
+
+        ing.add_listener(on_applied)
+        stop = asyncio.Event()
+        task = asyncio.create_task(ing.run(stop))
+        await ing.streaming.wait()
+        ctx = multiprocessing.get_context("spawn")
+        ready = ctx.Event()
+        proc = ctx.Process(
+            target=writer, args=(dsn, args.rate, args.seconds, args.rows_per_tx, ready)
+        )
+        proc.start()
+        await asyncio.to_thread(ready.wait)
+        await asyncio.to_thread(proc.join)
+        await ing.sync_point()
+        stop.set()
+        await task
+    # The first second is warm-up (connections, caches).
+    skip = int(len(commit_lat) / args.seconds)
+    c, r = commit_lat[skip:], row_lat[skip * args.rows_per_tx :]
+    print(
+        f"{len(row_lat)} rows in {len(commit_lat)} transactions at {args.rate} rows/s "
+        f"({args.rows_per_tx} rows per transaction), first second dropped"
+    )
+    print(
+        f"  commit -> in-memory snapshot:    p50 {statistics.median(c):6.2f} ms   "
+        f"p99 {percentile(c, 0.99):6.2f} ms   max {max(c):6.2f} ms"
+    )
+    print(
+        f"  writer send -> in-memory snapshot: p50 {statistics.median(r):6.2f} ms   "
+        f"p99 {percentile(r, 0.99):6.2f} ms   max {max(r):6.2f} ms"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rate", type=int, default=2000, help="rows per second")
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--rows-per-tx", type=int, default=10)
+    args = ap.parse_args()
+    with bench_server() as server:
+        create_schema(server.dsn)
+        print(f"PostgreSQL {server.version}")
+        asyncio.run(run(server.dsn, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The due index and the scheduler loop: no polling, a heap on time plus a wake-up event.
+
+The shape is psycopg_pool's scheduler: entries in a heap keyed on time, a task sleeping until
+the earliest one, and an event that wakes it when something sooner arrives. Every applied
+transaction updates the index (`set`), so the loop never queries the event log.
+
+Invariants:
+- The index holds at most one live entry per mission: the occurrence it should run next and
+  the earliest time to consider it (`not_before`, used to re-check a budget-skipped mission
+  when the budget frees). Replaced entries stay in the heap and are skipped when popped.
+- `pop_due` hands each due entry out once and removes it; the caller owns it from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
+
+from mission_runner.clock import Clock
+from planner.due import MissionKey, Occurrence
+
+
+class DueIndex:
+    """Occurrences by the time they become due. Pure: time is passed in."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, MissionKey]] = []
+        self._live: dict[MissionKey, tuple[int, int, Occurrence]] = {}
+        self._seq = itertools.count()
+
+    def set(self, occurrence: Occurrence, *, not_before: int | None = None) -> bool:
+        """Schedule (or reschedule) a mission; True when it became the earliest entry."""
+        when = occurrence.at_us if not_before is None else max(occurrence.at_us, not_before)
+        current = self._live.get(occurrence.key)
+        if current is not None and current[0] == when and current[2] == occurrence:
+            return False
+        earliest = self.next_at()
+        seq = next(self._seq)
+        self._live[occurrence.key] = (when, seq, occurrence)
+        heapq.heappush(self._heap, (when, seq, occurrence.key))
+        if len(self._heap) > 2 * len(self._live) + 64:
+            self._compact()
+        return earliest is None or when < earliest
+
+    def discard(self, key: MissionKey) -> None:
+        self._live.pop(key, None)
+
+    def get(self, key: MissionKey) -> Occurrence | None:
+        entry = self._live.get(key)
+        return None if entry is None else entry[2]
+
+    def _compact(self) -> None:
+        self._heap = [(when, seq, key) for key, (when, seq, _o) in self._live.items()]
+        heapq.heapify(self._heap)
+
+    def _clean_top(self) -> None:
+        heap = self._heap
+        while heap:
+            _when, seq, key = heap[0]
+            live = self._live.get(key)
+            if live is not None and live[1] == seq:
+                return
+            heapq.heappop(heap)
+
+    def next_at(self) -> int | None:
+        self._clean_top()
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now_us: int) -> list[Occurrence]:
+        due: list[Occurrence] = []
+        while True:
+            self._clean_top()
+            if not self._heap or self._heap[0][0] > now_us:
+                return due
+            _when, _seq, key = heapq.heappop(self._heap)
+            due.append(self._live.pop(key)[2])
+
+    def due_count(self, now_us: int) -> int:
+        return sum(1 for entry in self._live.values() if entry[0] <= now_us)
+
+    def upcoming(self, limit: int) -> list[tuple[int, Occurrence]]:
+        """The next `limit` entries by time (for the status page)."""
+        return [(when, occ) for when, _s, occ in heapq.nsmallest(limit, self._live.values())]
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+
+class Scheduler:
+    """Sleeps until the earliest entry is due, hands due occurrences to `on_due`."""
+
+    def __init__(self, *, clock: Clock, on_due: Callable[[list[Occurrence]], None]) -> None:
+        self.index = DueIndex()
+        self._clock = clock
+        self._on_due = on_due
+        self._wake = asyncio.Event()
+        self._enabled = False
+
+    def set(self, occurrence: Occurrence, *, not_before: int | None = None) -> None:
+        if self.index.set(occurrence, not_before=not_before):
+            self._wake.set()
+
+    def discard(self, key: MissionKey) -> None:
+        self.index.discard(key)
+
+    def poke(self) -> None:
+        """Re-check now (a test moved the clock, or something was enabled)."""
+        self._wake.set()
+
+    def enable(self) -> None:
+        """Start handing out due occurrences (after the stream caught up at start)."""
+        self._enabled = True
+        self._wake.set()
+
+    def run_once(self) -> float | None:
+        """Hand out what is due; seconds until the next entry (None: nothing scheduled)."""
+        now = self._clock.now_us()
+        if self._enabled:
+            due = self.index.pop_due(now)
+            if due:
+                self._on_due(due)
+        if not self._enabled:
+            return None
+        next_at = self.index.next_at()
+        if next_at is None:
+            return None
+        return max(0.0, (next_at - self._clock.now_us()) / 1_000_000)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            delay = self.run_once()
+            stop_wait = asyncio.ensure_future(stop.wait())
+            wake_wait = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait(
+                    {stop_wait, wake_wait}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                stop_wait.cancel()
+                wake_wait.cancel()

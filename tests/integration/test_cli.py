@@ -1,0 +1,180 @@
+"""The command line against a real server: catch-up, status, rebuild, replay, doctor, run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from psycopg import conninfo
+
+from stream.lsn import Lsn
+from tests.fix_pg import TestDatabase
+from tests.integration.conftest import (
+    ROOT,
+    ServiceProcess,
+    mission_insert,
+    persisted,
+    recompute,
+    service_env,
+    slot_row,
+    write,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def cli(
+    db: TestDatabase, *args: str, dsn: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    environment = service_env(db, **env)
+    if dsn is not None:
+        environment["DATABASE_URL"] = dsn
+    return subprocess.run(
+        [sys.executable, "-m", "mission_runner.cli", *args],
+        env=environment,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_catch_up_then_status(db: TestDatabase) -> None:
+    write(db, mission_insert("u", "m1"), mission_insert("u", "m2"))
+    done = cli(db, "catch-up")
+    assert done.returncode == 0, done.stderr
+    assert "2 missions" in done.stdout
+    status = cli(db, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["slot"]["exists"] is True
+    assert data["slot"]["active"] is False
+    assert data["slot"]["wal_status"] in {"reserved", "extended"}
+    assert data["checkpoint"]["lsn"] is not None
+    assert data["snapshots"]["mission"] == {"live": 2, "deleted": 0}
+    assert isinstance(data["slot"]["lag_bytes"], int)
+    text = cli(db, "status")
+    assert "checkpoint" in text.stdout and "mission snapshots: 2 live" in text.stdout
+
+
+def test_rebuild_discards_and_recomputes(db: TestDatabase) -> None:
+    write(db, mission_insert("u", "m1"))
+    assert cli(db, "catch-up").returncode == 0
+    with db.connect() as conn:
+        # Corrupt our own snapshot; a rebuild must restore it from the log.
+        conn.execute("UPDATE mana_ai.mission_snapshots SET record = '{}'::jsonb")
+    write(db, mission_insert("u", "m2"))
+    done = cli(db, "rebuild")
+    assert done.returncode == 0, done.stderr
+    assert "rebuilt" in done.stdout
+    assert persisted(db) == recompute(db)
+    write(db, mission_insert("u", "m3"))
+    assert cli(db, "catch-up").returncode == 0
+    assert persisted(db) == recompute(db)
+
+
+def test_replay_refuses_below_the_slot_and_beyond_the_server(db: TestDatabase) -> None:
+    write(db, mission_insert("u", "m1"))
+    assert cli(db, "catch-up").returncode == 0
+    slot = slot_row(db)
+    assert slot is not None
+    confirmed = Lsn.parse(slot["confirmed_flush_lsn"])
+    below = cli(db, "replay", "--from-lsn", str(Lsn(int(confirmed) - 1)))
+    assert below.returncode == 1
+    assert "rebuild" in below.stderr
+    beyond = cli(db, "replay", "--from-lsn", "FF/0")
+    assert beyond.returncode == 1
+    assert "beyond" in beyond.stderr
+    garbage = cli(db, "replay", "--from-lsn", "yesterday")
+    assert garbage.returncode == 2
+
+
+def test_replay_restarts_the_stream_at_the_position(db: TestDatabase) -> None:
+    write(db, mission_insert("u", "m1"))
+    assert cli(db, "catch-up").returncode == 0
+    with db.connect() as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        here = row[0]
+    write(db, mission_insert("u", "m2"))
+    done = cli(db, "replay", "--from-lsn", here)
+    assert done.returncode == 0, done.stderr
+    assert f"replayed from {here}" in done.stdout
+    assert "1 transactions applied" in done.stdout or "2 transactions applied" in done.stdout
+    assert persisted(db) == recompute(db)
+
+
+def test_doctor_passes_for_a_good_setup(db: TestDatabase) -> None:
+    done = cli(db, "doctor")
+    assert "[ok]   wal_level: logical" in done.stdout
+    assert "REPLICATION privilege" in done.stdout
+    assert "[FAIL]" not in done.stdout, done.stdout
+    assert done.returncode == 0
+
+
+def test_doctor_names_each_missing_privilege_with_its_fix(db: TestDatabase) -> None:
+    with db.connect() as conn:
+        conn.execute("DROP ROLE IF EXISTS mr_limited")
+        conn.execute("CREATE ROLE mr_limited LOGIN")
+        conn.execute("GRANT SELECT, INSERT ON sync_changes TO mr_limited")
+    try:
+        dsn = conninfo.make_conninfo(db.dsn, user="mr_limited")
+        done = cli(db, "doctor", dsn=dsn)
+        assert done.returncode == 1
+        assert "ALTER ROLE mr_limited REPLICATION;" in done.stdout
+        assert "ALTER ROLE mr_limited BYPASSRLS;" in done.stdout
+        assert "publication" in done.stdout
+    finally:
+        with db.connect() as conn:
+            conn.execute("DROP OWNED BY mr_limited")
+            conn.execute("DROP ROLE mr_limited")
+
+
+def test_dev_schema_is_idempotent(pg_db: TestDatabase) -> None:
+    assert cli(pg_db, "dev-schema").returncode == 0
+    assert cli(pg_db, "dev-schema").returncode == 0
+    with pg_db.connect() as conn:
+        row = conn.execute(
+            "SELECT relrowsecurity, relforcerowsecurity FROM pg_class"
+            " WHERE oid = 'public.sync_changes'::regclass"
+        ).fetchone()
+        policies = conn.execute(
+            "SELECT count(*) FROM pg_policies WHERE tablename = 'sync_changes'"
+        ).fetchone()
+    assert row == (True, True)
+    assert policies == (2,)
+
+
+def test_run_without_sync_changes_fails_clearly(pg_db: TestDatabase) -> None:
+    done = cli(pg_db, "catch-up")
+    assert done.returncode == 2
+    assert "sync_changes" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_run_stops_cleanly_on_sigterm(
+    db: TestDatabase, service_processes: list[ServiceProcess]
+) -> None:
+    svc = ServiceProcess(db).start()
+    service_processes.append(svc)
+    svc.wait_streaming()
+    write(db, mission_insert("u", "m1"))
+    time.sleep(0.3)
+    assert svc.proc is not None
+    started = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(15) == 0, svc.output()
+    assert time.monotonic() - started < 10
+    slot = slot_row(db)
+    assert slot is not None and not slot["active"]
+    assert persisted(db) == recompute(db)
+
+
+def test_wrong_database_url_exits_2(db: TestDatabase) -> None:
+    done = cli(db, "catch-up", dsn="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    assert done.returncode == 2
+    assert "DATABASE_URL" in done.stderr
