@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PG15_BINDIR ?= /usr/lib/postgresql/15/bin
 
-.PHONY: run test test-unit test-integration test-pg15 lint typecheck bench clean
+.PHONY: run test test-unit test-integration test-pg15 lint typecheck validate-deploy bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -36,6 +36,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
+
+## Schema checks of deploy/ (kubernetes-validate, promtool).
+validate-deploy: $(STAMP)
+	bash deploy/validate.sh
 
 bench: $(STAMP)
 	$(PY) bench/ingest.py
