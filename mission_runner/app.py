@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import aiohttp
 import psycopg
 from psycopg import conninfo as pg_conninfo
 from psycopg import sql
@@ -18,9 +19,17 @@ from psycopg_pool import AsyncConnectionPool
 from mission_runner.clock import Clock, SystemClock
 from mission_runner.embedded import EmbeddedPostgres
 from mission_runner.errors import ConfigurationError
+from mission_runner.http import StatusApp
 from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
+from mission_runner.missions import MissionRuntime
+from mission_runner.monitor import LagMonitor
 from mission_runner.settings import Settings
+from planner.catalog import load_catalog
+from planner.llm import ChatClient
+from planner.loop import LlmPlanner
+from planner.offline import OfflinePlanner
+from planner.service import CatalogPlanner, MissionPlanner
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +78,31 @@ class App:
     clock: Clock
     metrics: Metrics
     ingestor: Ingestor
+    runtime: MissionRuntime
+    monitor: LagMonitor
+    status: StatusApp
     embedded: EmbeddedPostgres | None = None
+
+
+def make_planner(
+    settings: Settings, *, clock: Clock, session: aiohttp.ClientSession | None
+) -> MissionPlanner:
+    """The LLM planner at PLANNER_URL, or the offline planner when it is unset."""
+    catalog = load_catalog(settings.tool_catalog)
+    if settings.planner_url is None:
+        return CatalogPlanner(planner=OfflinePlanner(clock=clock), catalog=catalog, name="offline")
+    assert session is not None
+    client = ChatClient(
+        session=session,
+        base_url=settings.planner_url,
+        api_key=settings.planner_api_key or "",
+        model=settings.planner_model,
+        timeout=settings.planner_timeout,
+        clock=clock,
+    )
+    return CatalogPlanner(
+        planner=LlmPlanner(client=client), catalog=catalog, name=f"llm:{client.provider}"
+    )
 
 
 async def check_connection(dsn: str) -> None:
@@ -87,26 +120,52 @@ async def open_app(
     clock: Clock | None = None,
     metrics: Metrics | None = None,
     dsn: str | None = None,
+    planner: MissionPlanner | None = None,
 ) -> AsyncIterator[App]:
     embedded = None
     if dsn is None:
         dsn, embedded = resolve_database(settings)
     await check_connection(dsn)
-    pool = make_pool(dsn)
-    await pool.open(wait=True, timeout=30)
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
+    session = None
+    if planner is None and settings.planner_url is not None:
+        session = aiohttp.ClientSession()
     try:
-        ingestor = Ingestor(
-            settings=settings,
-            conninfo=dsn,
-            pool=pool,
-            clock=clock,
-            metrics=metrics,
-        )
-        yield App(settings, dsn, pool, clock, metrics, ingestor, embedded)
+        mission_planner = planner or make_planner(settings, clock=clock, session=session)
+        pool = make_pool(dsn)
+        await pool.open(wait=True, timeout=30)
+        try:
+            ingestor = Ingestor(
+                settings=settings, conninfo=dsn, pool=pool, clock=clock, metrics=metrics
+            )
+            runtime = MissionRuntime(
+                settings=settings,
+                ingestor=ingestor,
+                pool=pool,
+                planner=mission_planner,
+                clock=clock,
+                metrics=metrics,
+            )
+            monitor = LagMonitor(
+                ingestor=ingestor, pool=pool, clock=clock, metrics=metrics, slot=settings.slot
+            )
+            status = StatusApp(
+                settings=settings,
+                ingestor=ingestor,
+                runtime=runtime,
+                monitor=monitor,
+                metrics=metrics,
+                clock=clock,
+            )
+            yield App(
+                settings, dsn, pool, clock, metrics, ingestor, runtime, monitor, status, embedded
+            )
+        finally:
+            await pool.close()
     finally:
-        await pool.close()
+        if session is not None:
+            await session.close()
 
 
 def redact(dsn: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from mission_runner import doctor as doctor_mod
-from mission_runner import failpoints
+from mission_runner import failpoints, http
 from mission_runner.app import App, open_app, redact, resolve_database
 from mission_runner.clock import SystemClock
 from mission_runner.demo import DemoUsers
@@ -43,17 +43,29 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def _serve(app: App, stop: asyncio.Event) -> None:
-    await app.ingestor.boot()
-    await app.ingestor.run(stop)
+async def serve(app: App, stop: asyncio.Event) -> None:
+    """The whole service: HTTP, lag monitor, ingest and the mission runtime, until `stop`."""
+    runner = await http.serve(app.status, app.settings.http_host, app.settings.http_port)
+    try:
+        await app.ingestor.boot()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(app.monitor.run(stop), name="lag monitor")
+            tg.create_task(app.runtime.run(stop), name="mission runtime")
+            tg.create_task(app.ingestor.run(stop), name="ingest")
+    finally:
+        await runner.cleanup()
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     async with open_app(settings) as app:
-        log.info("mission-runner starting on %s", redact(app.dsn))
-        await _serve(app, stop)
+        log.info(
+            "mission-runner starting on %s with the %s planner",
+            redact(app.dsn),
+            app.runtime.planner.name,
+        )
+        await serve(app, stop)
     return EXIT_OK
 
 
@@ -208,11 +220,12 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     async with open_app(settings) as app:
         async with app.pool.connection() as conn:
             await create_dev_schema(conn)
-        demo = DemoUsers(dsn=app.dsn, clock=app.clock, users=args.users)
-        await app.ingestor.boot()
+        demo = DemoUsers(dsn=app.dsn, clock=app.clock, users=args.users, runtime=app.runtime)
+        where = app.embedded.pgdata if app.embedded else "DATABASE_URL"
         print(
-            f"demo: embedded PostgreSQL at {app.embedded.pgdata if app.embedded else '-'};"
-            " synthetic users are editing missions and agents. Ctrl-C stops.",
+            f"demo: PostgreSQL at {where}; synthetic users edit missions and agents; the"
+            f" {app.runtime.planner.name} planner plans them when due. Status page:"
+            f" http://{settings.http_host}:{settings.http_port}/  (Ctrl-C stops)",
             flush=True,
         )
 
@@ -222,17 +235,19 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
                     async with asyncio.timeout(args.report_every):
                         await stop.wait()
                 except TimeoutError:
-                    ing = app.ingestor
+                    ing, rt = app.ingestor, app.runtime
+                    written = sum(1 for r in rt.recent if r.outcome == "written")
                     print(
-                        f"[{ing.phase}] checkpoint {ing.persisted_lsn}: "
-                        f"{ing.transactions_applied} transactions, {ing.rows_applied} rows; "
-                        f"{ing.missions.live_count()} missions, {ing.agents.live_count()} "
-                        f"agents; demo wrote {demo.writes}",
+                        f"[{ing.phase}] {ing.transactions_applied} transactions,"
+                        f" {ing.rows_applied} rows applied; {ing.missions.live_count()} missions,"
+                        f" {ing.agents.live_count()} agents; {len(rt.scheduler.index)} scheduled,"
+                        f" {rt.in_flight} in flight, {written} iterations written;"
+                        f" checkpoint {ing.persisted_lsn}",
                         flush=True,
                     )
 
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(app.ingestor.run(stop))
+            tg.create_task(serve(app, stop))
             tg.create_task(demo.run(stop, interval=args.interval))
             tg.create_task(report())
             if args.duration:

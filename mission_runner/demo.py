@@ -1,7 +1,9 @@
 """`mission-runner demo`: synthetic users editing missions and agents in `sync_changes`.
 
 They write the way the web app does: inside withUser (`app.current_user_id`), whole records
-on insert with `field_meta = {}`, changed fields with object stamps on update.
+on insert with `field_meta = {}`, changed fields with object stamps on update. Like the web
+app, after an iteration arrives they move the mission's `nextRunAt` on by its cadence (the
+demo learns of iterations from the runtime's recent dispatches, not by reading the log).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import orjson
 import psycopg
 
 from mission_runner.clock import Clock
+from mission_runner.missions import MissionRuntime
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +79,19 @@ async def write_change(
 class DemoUsers:
     """A handful of users creating agents and missions, then editing them now and then."""
 
-    def __init__(self, *, dsn: str, clock: Clock, users: int = 4, seed: int = 7) -> None:
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        clock: Clock,
+        users: int = 4,
+        seed: int = 7,
+        runtime: MissionRuntime | None = None,
+    ) -> None:
         self.dsn = dsn
         self.clock = clock
+        self.runtime = runtime
+        self._advanced: set[tuple[str, str, int]] = set()
         self.rng = random.Random(seed)
         self.users = [f"demo-user-{i + 1}" for i in range(users)]
         self.agents: dict[str, list[str]] = {}
@@ -121,7 +134,7 @@ class DemoUsers:
     ) -> None:
         mission_id = f"mission-{uuid.uuid4().hex[:8]}"
         self.missions[user].append(mission_id)
-        due = self._now() + timedelta(seconds=self.rng.randint(5, 90))
+        due = self._now() + timedelta(seconds=self.rng.randint(3, 30))
         await write_change(
             conn,
             user_id=user,
@@ -144,23 +157,45 @@ class DemoUsers:
         )
         self.writes += 1
 
+    async def advance_after_iterations(
+        self, conn: psycopg.AsyncConnection[tuple[object, ...]]
+    ) -> None:
+        """The web app's part: a finished iteration moves nextRunAt to the next occurrence."""
+        if self.runtime is None:
+            return
+        for record in list(self.runtime.recent):
+            key = (record.user_id, record.mission_id, record.occurrence_us)
+            if record.outcome not in {"written", "failed"} or key in self._advanced:
+                continue
+            self._advanced.add(key)
+            due = self._now() + timedelta(seconds=self.rng.randint(20, 60))
+            await write_change(
+                conn,
+                user_id=record.user_id,
+                table="aiMissions",
+                record_id=record.mission_id,
+                op="update",
+                data={"nextRunAt": _iso(due)},
+                field_meta={"nextRunAt": self._stamp()},
+            )
+            self.writes += 1
+
     async def step(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
         user = self.rng.choice(self.users)
         missions = self.missions[user]
         action = self.rng.random()
-        if action < 0.15 or not missions:
+        if action < 0.1 or not missions:
             await self._new_mission(conn, user)
         elif action < 0.75:
             mission_id = self.rng.choice(missions)
-            due = self._now() + timedelta(seconds=self.rng.randint(10, 120))
             await write_change(
                 conn,
                 user_id=user,
                 table="aiMissions",
                 record_id=mission_id,
                 op="update",
-                data={"nextRunAt": _iso(due)},
-                field_meta={"nextRunAt": self._stamp()},
+                data={"title": self.rng.choice(TITLES)},
+                field_meta={"title": self._stamp()},
             )
         elif action < 0.9:
             mission_id = self.rng.choice(missions)
@@ -196,4 +231,5 @@ class DemoUsers:
                     async with asyncio.timeout(interval * self.rng.uniform(0.5, 1.5)):
                         await stop.wait()
                 except TimeoutError:
+                    await self.advance_after_iterations(conn)
                     await self.step(conn)

@@ -25,7 +25,6 @@ import random
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -40,12 +39,12 @@ from planner.budget import TokenBudget
 from planner.due import MissionKey, Occurrence, occurrence_of
 from planner.gates import LEGACY_AGENT_ID, Decision, GateResult, decide
 from planner.scheduler import Scheduler
+from planner.service import MissionPlanner, PlanOutcome
 from projections.merge import agent_view
 from projections.projector import Outcome
 from projections.rows import JsonValue
 from writer import ledger, usage
 from writer.iterations import (
-    Step,
     WriteBack,
     build_actor,
     build_iteration,
@@ -56,28 +55,6 @@ from writer.iterations import (
 log = logging.getLogger(__name__)
 
 AgentKey = tuple[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class PlanOutcome:
-    summary: str
-    steps: tuple[Step, ...]
-    tokens: int
-    rounds: int
-    provider: str
-
-
-class MissionPlanner(Protocol):
-    """Plans one mission (prompt building, tool offering and the planner call)."""
-
-    name: str
-
-    async def plan_mission(
-        self,
-        mission: Mapping[str, JsonValue],
-        agent: Mapping[str, JsonValue] | None,
-        gate: GateResult,
-    ) -> PlanOutcome: ...
 
 
 @dataclass(slots=True)
@@ -366,6 +343,10 @@ class MissionRuntime:
         if plan is not None:
             self.metrics.plans_produced.inc()
             self.metrics.planner_rounds.observe(plan.rounds)
+            if plan.parse_failures:
+                self.metrics.parse_failures.inc(plan.parse_failures)
+            for call in plan.calls:
+                self.metrics.tool_calls.labels(call.tool, call.policy, call.outcome).inc()
             iteration = build_iteration(
                 iteration_id=iteration_id,
                 started_us=started,
