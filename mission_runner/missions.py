@@ -113,6 +113,11 @@ class MissionRuntime:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def accepting(self) -> bool:
+        """True once the stream caught up at start and until shutdown begins."""
+        return self._accepting
+
     async def load(self) -> None:
         """The ledger's finished occurrences and the token window; then index every mission."""
         async with self.pool.connection() as conn:
@@ -237,13 +242,16 @@ class MissionRuntime:
         slot = self._agent(agent_key)
         slot.in_flight = max(0, slot.in_flight - 1)
         self._reindex(occ.key)
-        # A slot freed: deferred missions of this agent go through the gates again, oldest
-        # first, until one has to wait again (the agent is back at its limit).
-        for _ in range(len(slot.deferred)):
+        # One slot freed: deferred missions of this agent go through the gates again, oldest
+        # first, until one of them takes the slot (or has to wait again).
+        while slot.deferred:
             waiting = slot.deferred.popleft()
+            before = slot.in_flight
             self._evaluate(waiting)
+            if slot.in_flight > before:
+                break
             if slot.deferred and slot.deferred[-1] is waiting:
-                slot.deferred.rotate(1)  # back to the front, keeping the order
+                slot.deferred.rotate(1)  # still at the limit: back to the front, in order
                 break
 
     # -- one dispatch -----------------------------------------------------------------

@@ -21,7 +21,9 @@ import pytest
 
 from mission_runner.app import App, open_app
 from mission_runner.devschema import DDL
+from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
+from mission_runner.missions import MissionRuntime
 from mission_runner.settings import Settings
 from projections.decode import COLUMNS
 from projections.merge import to_record
@@ -273,8 +275,12 @@ class Running:
     task: asyncio.Task[None]
 
     @property
-    def ingestor(self):  # type: ignore[no-untyped-def]
+    def ingestor(self) -> Ingestor:
         return self.app.ingestor
+
+    @property
+    def runtime(self) -> MissionRuntime:
+        return self.app.runtime
 
 
 @asynccontextmanager
@@ -292,6 +298,33 @@ async def running_service(
         try:
             async with asyncio.timeout(30):
                 while not app.ingestor.streaming.is_set():
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.01)
+            yield Running(app, stop, task)
+        finally:
+            stop.set()
+            async with asyncio.timeout(30):
+                await task
+
+
+@asynccontextmanager
+async def running_full_service(
+    db: TestDatabase,
+    settings: Settings | None = None,
+    *,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[Running]:
+    """Ingest, mission runtime, lag monitor and HTTP (on a free port), in this process."""
+    from mission_runner.cli import serve
+
+    settings = replace(settings or settings_for(db), http_port=0)
+    async with open_app(settings, dsn=db.dsn, metrics=metrics or Metrics()) as app:
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(app, stop))
+        try:
+            async with asyncio.timeout(30):
+                while not app.runtime.accepting:
                     if task.done():
                         task.result()
                     await asyncio.sleep(0.01)
