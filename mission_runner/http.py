@@ -49,6 +49,7 @@ class StatusApp:
         self.metrics = metrics
         self.clock = clock
         self.started_us = clock.now_us()
+        self.port: int | None = None
         self._page = resources.files("mission_runner").joinpath("static/status.html").read_bytes()
 
     # -- readiness ----------------------------------------------------------------------
@@ -206,5 +207,6 @@ async def serve(status_app: StatusApp, host: str, port: int) -> web.AppRunner:
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    log.info("HTTP on http://%s:%d (status page /, metrics /metrics)", host, port)
+    status_app.port = int(runner.addresses[0][1]) if runner.addresses else port
+    log.info("HTTP on http://%s:%d (status page /, metrics /metrics)", host, status_app.port)
     return runner

@@ -35,6 +35,7 @@ from mission_runner.errors import (
     SlotInUseError,
     SlotLostError,
 )
+from mission_runner.leader import LeaderLock, LeadershipLost
 from mission_runner.metrics import Metrics
 from mission_runner.migrations import migrate
 from mission_runner.settings import Settings
@@ -377,17 +378,44 @@ class Ingestor:
     async def run(self, stop: asyncio.Event, *, catch_up: bool = False) -> None:
         """Stream until `stop` is set (or, with `catch_up`, until everything committed before
         the call is applied, persisted and confirmed). SetupError at start is fatal; later
-        (say, a rebuild that needs a privilege) it is logged and retried, never a crash loop."""
+        (say, a rebuild that needs a privilege) it is logged and retried, never a crash loop.
+
+        Only one instance streams a slot: `run` waits for the leader lock (not ready
+        meanwhile) and stops streaming if it loses it; `catch_up` refuses when it is held."""
         await self.preflight()
+        lock = LeaderLock(conninfo=self.conninfo, slot=self.settings.slot)
+        if catch_up and not await lock.try_acquire():
+            raise MissionRunnerError(
+                f"another instance is active for slot {self.settings.slot}: stop it first"
+            )
         async with asyncio.TaskGroup() as tg:
             persister = tg.create_task(self._persister(), name="persister")
             heartbeat = tg.create_task(self._heartbeat(), name="heartbeat")
             try:
-                await self._supervise(stop, catch_up)
+                while not stop.is_set():
+                    self.phase = Phase.WAITING
+                    if not lock.held and not await lock.acquire(stop):
+                        break
+                    try:
+                        await self._lead(lock, stop, catch_up)
+                    except* LeadershipLost as group:
+                        self.last_error = str(group.exceptions[0])
+                        log.error("%s; waiting to become active again", self.last_error)
+                    finally:
+                        await lock.release()
+                    if catch_up:
+                        break
             finally:
                 persister.cancel()
                 heartbeat.cancel()
         self.phase = Phase.STOPPED
+
+    async def _lead(self, lock: LeaderLock, stop: asyncio.Event, catch_up: bool) -> None:
+        """Stream while holding the lock; losing it ends the session (LeadershipLost)."""
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(lock.watch(), name="leader watch")
+            await self._supervise(stop, catch_up)
+            watch.cancel()
 
     async def _supervise(self, stop: asyncio.Event, catch_up: bool) -> None:
         attempt = 0
