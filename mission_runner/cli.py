@@ -28,6 +28,7 @@ from mission_runner.logs import setup_logging
 from mission_runner.migrations import migrate
 from mission_runner.settings import Settings
 from mission_runner.status import collect_status, format_status
+from mission_runner.tracing import setup_tracing
 from projections import persistence
 from stream import slots
 from stream.lsn import Lsn
@@ -306,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mission-runner: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings)
+    tracing = setup_tracing(settings)
     try:
         return asyncio.run(COMMANDS[args.command](settings, args))
     except ConfigurationError as exc:
@@ -319,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

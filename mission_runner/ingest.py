@@ -21,6 +21,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 import psycopg
+from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool
 
 from mission_runner import failpoints
@@ -51,6 +52,7 @@ from stream.pgoutput import LogicalMessage
 from stream.transactions import CommittedTransaction
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("mission_runner.ingest")
 
 HEARTBEAT_PREFIX = "mission_runner.heartbeat"
 CATCHUP_PREFIX = "mission_runner.catchup"
@@ -99,6 +101,11 @@ class Ingestor:
         # Snapshot-changing transactions applied / persisted, counted (see is_idle).
         self._data_seq = 0
         self._persisted_seq = 0
+        # The open ingest-batch span: from the first snapshot change to its group commit.
+        self._batch_span: trace.Span | None = None
+        self._batch_first_lsn: Lsn | None = None
+        self._batch_tx = 0
+        self._batch_rows = 0
         self._persist_wake = asyncio.Event()
         self._persist_lock = asyncio.Lock()
         self._repl: ReplicationConnection | None = None
@@ -181,6 +188,7 @@ class Ingestor:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(tx.end_lsn)
         if outcome.changed_missions or outcome.changed_agents or outcome.dead_letters:
+            self._note_batch(tx.commit_lsn, outcome.rows + len(outcome.dead_letters))
             self._data_seq += 1
             self._pending_tx += 1
             self._pending_rows += outcome.rows + len(outcome.dead_letters)
@@ -191,6 +199,23 @@ class Ingestor:
             # Nothing to persist (heartbeat, marker, rows that changed nothing).
             self._advance_idle(tx.end_lsn)
         self._notify(outcome)
+
+    def _note_batch(self, lsn: Lsn, rows: int) -> None:
+        if self._batch_span is None:
+            self._batch_span = tracer.start_span("ingest.batch", kind=trace.SpanKind.CONSUMER)
+            self._batch_first_lsn = lsn
+            self._batch_tx = 0
+            self._batch_rows = 0
+        self._batch_tx += 1
+        self._batch_rows += rows
+
+    def current_batch(self) -> trace.SpanContext | None:
+        """The span context of the batch being applied now (for links from dispatches)."""
+        span = self._batch_span
+        if span is None:
+            return None
+        ctx = span.get_span_context()
+        return ctx if ctx.is_valid else None
 
     def on_logical_message(self, msg: LogicalMessage) -> None:
         """Non-transactional messages carry nothing for us."""
@@ -305,18 +330,44 @@ class Ingestor:
             if captured is None:
                 return
             batch, seq = captured
+            span, self._batch_span = self._batch_span, None
+            if span is None:
+                span = tracer.start_span("ingest.batch", kind=trace.SpanKind.CONSUMER)
+            span.set_attributes(
+                {
+                    "mission_runner.lsn.first": str(self._batch_first_lsn or batch.checkpoint.lsn),
+                    "mission_runner.lsn.last": str(batch.checkpoint.lsn),
+                    "mission_runner.transactions": self._batch_tx,
+                    "mission_runner.rows": self._batch_rows,
+                    "mission_runner.snapshots": len(batch.missions) + len(batch.agents),
+                    "mission_runner.dead_letters": len(batch.dead_letters),
+                }
+            )
+            self._batch_first_lsn, self._batch_tx, self._batch_rows = None, 0, 0
             started = self.clock.monotonic()
             attempt = 0
             while True:
                 try:
-                    async with self.pool.connection() as conn:
-                        await persistence.write_batch(conn, batch)
+                    with (
+                        trace.use_span(span, end_on_exit=False),
+                        tracer.start_as_current_span(
+                            "db.persist",
+                            kind=trace.SpanKind.CLIENT,
+                            attributes={
+                                "db.system": "postgresql",
+                                "db.operation": "snapshots+checkpoint",
+                            },
+                        ),
+                    ):
+                        async with self.pool.connection() as conn:
+                            await persistence.write_batch(conn, batch)
                     break
                 except (psycopg.Error, OSError) as exc:
                     attempt += 1
                     self.last_error = f"persisting failed: {exc}"
                     log.error("persisting snapshots failed (attempt %d): %s", attempt, exc)
                     await asyncio.sleep(self._backoff(attempt))
+            span.end()
             failpoints.hit("after-persist")
             self.persisted = batch.checkpoint
             self._persisted_seq = max(self._persisted_seq, seq)

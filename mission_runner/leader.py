@@ -71,8 +71,11 @@ class LeaderLock:
         if await self.try_acquire():
             return True
         conn = await self._connect()
-        log.warning("another instance is active for slot %s (%s); waiting to take over",
-                    self.slot, await self.holder(conn))
+        log.warning(
+            "another instance is active for slot %s (%s); waiting to take over",
+            self.slot,
+            await self.holder(conn),
+        )
         waiting = asyncio.ensure_future(
             conn.execute("SELECT pg_advisory_lock(" + _KEY + ")", (self.slot,))
         )

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import orjson
 
 from mission_runner.settings import Settings
+from mission_runner.tracing import TraceIdFilter
 
 CONTEXT_KEYS = ("lsn", "mission_id", "agent_id", "user_id", "event_id", "trace_id", "slot")
 
@@ -51,6 +52,7 @@ class TextFormatter(logging.Formatter):
 def setup_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    handler.addFilter(TraceIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

@@ -24,9 +24,11 @@ import logging
 import random
 from collections import deque
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import psycopg
+from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool
 
 from mission_runner import failpoints
@@ -53,6 +55,7 @@ from writer.iterations import (
 )
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("mission_runner.missions")
 
 AgentKey = tuple[str, str]
 
@@ -79,6 +82,14 @@ class _Agent:
     parked: set[MissionKey] = field(default_factory=set)
 
 
+def _db_span(operation: str) -> AbstractContextManager[trace.Span]:
+    return tracer.start_as_current_span(
+        f"db.{operation}",
+        kind=trace.SpanKind.CLIENT,
+        attributes={"db.system": "postgresql", "db.operation": operation},
+    )
+
+
 class MissionRuntime:
     def __init__(
         self,
@@ -103,6 +114,8 @@ class MissionRuntime:
         self._agents: dict[AgentKey, _Agent] = {}
         self._mission_agent: dict[MissionKey, AgentKey] = {}
         self._in_flight: dict[MissionKey, Occurrence] = {}
+        # The ingest batch that last (re)scheduled each mission: the dispatch span links to it.
+        self._scheduled_by: dict[MissionKey, trace.SpanContext] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
         ingestor.add_listener(self._on_applied)
@@ -156,8 +169,12 @@ class MissionRuntime:
         occ = self._current_occurrence(key)
         if occ is None or self._done.get(key) == occ.at_us or key in self._in_flight:
             self.scheduler.discard(key)
+            self._scheduled_by.pop(key, None)
         else:
             self.scheduler.set(occ)
+            batch = self.ingestor.current_batch()
+            if batch is not None:
+                self._scheduled_by[key] = batch
         self.metrics.due_queue.set(len(self.scheduler.index))
 
     def _on_applied(self, outcome: Outcome) -> None:
@@ -273,8 +290,24 @@ class MissionRuntime:
         record = DispatchRecord(
             occ.user_id, occ.mission_id, occ.at_us, gate.agent_id, "error", self.clock.now_us(), 0
         )
+        batch = self._scheduled_by.pop(occ.key, None)
+        span = tracer.start_span(
+            "mission.dispatch",
+            links=[trace.Link(batch)] if batch is not None else None,
+            attributes={
+                "mission_runner.mission_id": occ.mission_id,
+                "mission_runner.user_id": occ.user_id,
+                "mission_runner.agent_id": gate.agent_id,
+                "mission_runner.occurrence": occ.at_iso,
+                "mission_runner.gate.decision": gate.decision.value,
+                "mission_runner.gate.gated": gate.gated,
+                "mission_runner.planner": self.planner.name,
+            },
+        )
         try:
-            record.outcome = await self._plan_and_write(occ, gate, agent, record)
+            with trace.use_span(span, end_on_exit=False):
+                record.outcome = await self._plan_and_write(occ, gate, agent, record)
+            span.set_attribute("mission_runner.outcome", record.outcome)
         except asyncio.CancelledError:
             record.outcome = "cancelled"
             raise
@@ -287,6 +320,9 @@ class MissionRuntime:
                 extra={"mission_id": occ.mission_id, "agent_id": gate.agent_id},
             )
         finally:
+            if record.error:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, record.error[:200]))
+            span.end()
             record.finished_us = self.clock.now_us()
             self.recent.appendleft(record)
             self._release(occ, agent_key)
@@ -300,8 +336,11 @@ class MissionRuntime:
     ) -> str:
         iteration_id = iteration_id_for(occ.user_id, occ.mission_id, occ.at_us)
         ctx = {"mission_id": occ.mission_id, "agent_id": gate.agent_id}
-        async with self.pool.connection() as conn:
-            entry = await ledger.claim(conn, occ.user_id, occ.mission_id, occ.at_us, iteration_id)
+        with _db_span("ledger.claim"):
+            async with self.pool.connection() as conn:
+                entry = await ledger.claim(
+                    conn, occ.user_id, occ.mission_id, occ.at_us, iteration_id
+                )
         if entry.final:
             self._done[occ.key] = occ.at_us
             return "duplicate"
@@ -316,7 +355,17 @@ class MissionRuntime:
             if state is None or self._current_occurrence(occ.key) != occ:
                 return await self._abandon(occ, "the mission changed before planning")
             try:
-                plan = await self.planner.plan_mission(state.values, agent, gate)
+                with tracer.start_as_current_span(
+                    "planner.plan", attributes={"mission_runner.attempt": attempt}
+                ) as plan_span:
+                    plan = await self.planner.plan_mission(state.values, agent, gate)
+                    plan_span.set_attributes(
+                        {
+                            "mission_runner.planner.rounds": plan.rounds,
+                            "mission_runner.planner.steps": len(plan.steps),
+                            "mission_runner.planner.tokens": plan.tokens,
+                        }
+                    )
                 break
             except PlannerError as exc:
                 error = exc
@@ -397,8 +446,9 @@ class MissionRuntime:
             usage_agent_id=gate.agent_id if gate.gated else None,
             tokens=tokens,
         )
-        async with self.pool.connection() as conn:
-            written = await write_back(conn, wb)
+        with _db_span("iteration.write_back"):
+            async with self.pool.connection() as conn:
+                written = await write_back(conn, wb)
         failpoints.hit("after-write-back")
         self._done[occ.key] = occ.at_us
         if not written:

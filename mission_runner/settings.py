@@ -121,6 +121,10 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     ready_max_lag: float = 300.0
+    # OpenTelemetry (the exporter reads the rest of the OTEL_* environment itself)
+    otel_enabled: bool = False
+    otel_protocol: str = "http/protobuf"
+    otel_service_name: str = "mission-runner"
     # Crash testing only (see mission_runner/failpoints.py).
     failpoints: str | None = None
 
@@ -164,6 +168,9 @@ class Settings:
             http_host=(env.get("HTTP_HOST") or "127.0.0.1").strip(),
             http_port=_int(env, "HTTP_PORT", 8080, minimum=0, maximum=65535),
             ready_max_lag=_duration(env, "MISSION_RUNNER_READY_MAX_LAG", 300.0, minimum=1),
+            otel_enabled=_otel_enabled(env),
+            otel_protocol=_otel_protocol(env),
+            otel_service_name=(env.get("OTEL_SERVICE_NAME") or "mission-runner").strip(),
         )
         if settings.reconnect_max_backoff < settings.reconnect_min_backoff:
             raise ConfigurationError(
@@ -192,6 +199,30 @@ def _file(env: Mapping[str, str], name: str) -> Path | None:
     if not path.is_file():
         raise ConfigurationError(name, f"{raw!r} is not a readable file")
     return path
+
+
+def _otel_enabled(env: Mapping[str, str]) -> bool:
+    if _bool(env, "OTEL_SDK_DISABLED", False):
+        return False
+    exporter = (env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+    if exporter == "none":
+        return False
+    if exporter != "otlp":
+        raise ConfigurationError("OTEL_TRACES_EXPORTER", f"{exporter!r}: use otlp or none")
+    return bool(
+        (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or "").strip()
+        or (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip()
+    )
+
+
+def _otel_protocol(env: Mapping[str, str]) -> str:
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        raw = (env.get(name) or "").strip().lower()
+        if raw:
+            if raw not in {"grpc", "http/protobuf"}:
+                raise ConfigurationError(name, f"{raw!r}: use grpc or http/protobuf")
+            return raw
+    return "http/protobuf"
 
 
 def _check_dsn(dsn: str) -> None:

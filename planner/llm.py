@@ -27,12 +27,15 @@ from typing import TypeAlias
 
 import aiohttp
 import orjson
+from opentelemetry import trace
 from yarl import URL
 
 from mission_runner.clock import Clock, SystemClock
 from mission_runner.errors import ConfigurationError, PlannerError
 from planner.catalog import ToolSpec
 from projections.rows import JsonValue
+
+tracer = trace.get_tracer("planner.llm")
 
 DEFAULT_MODEL = "mana/reasoning"
 DEFAULT_TIMEOUT = 120.0
@@ -409,6 +412,33 @@ class ChatClient:
         self, messages: Sequence[Message], tools: Sequence[ToolSpec] = ()
     ) -> ChatCompletion:
         """One chat-completions call. Raises `ProviderError` and nothing else on failure."""
+        with tracer.start_as_current_span(
+            "POST /v1/chat/completions",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "http.request.method": "POST",
+                "server.address": self.provider,
+                "gen_ai.request.model": self.model,
+                "gen_ai.system": "openai",
+            },
+        ) as span:
+            try:
+                completion = await self._complete(messages, tools, span)
+            except ProviderError as exc:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, exc.kind))
+                span.set_attribute("error.type", exc.kind)
+                raise
+            span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
+                }
+            )
+            return completion
+
+    async def _complete(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec], span: trace.Span
+    ) -> ChatCompletion:
         body = encode_request(model=self.model, messages=messages, tools=tools)
         headers = {
             "authorization": f"Bearer {self._api_key}",
@@ -425,6 +455,7 @@ class ChatClient:
             ) as response:
                 payload = await _read_bounded(response)
                 status = response.status
+                span.set_attribute("http.response.status_code", status)
                 response_headers = {k.lower(): v for k, v in response.headers.items()}
         except _TooLarge:
             raise self._error(

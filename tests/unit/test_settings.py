@@ -84,3 +84,33 @@ def test_cli_rejects_unknown_failpoint() -> None:
     )
     assert proc.returncode == 2
     assert "MISSION_RUNNER_FAILPOINTS" in proc.stderr
+
+
+def test_tracing_is_off_without_an_endpoint_and_follows_the_otel_environment() -> None:
+    from opentelemetry import trace
+
+    from mission_runner.tracing import setup_tracing
+
+    off = Settings.from_env({})
+    assert not off.otel_enabled
+    tracing = setup_tracing(off)
+    assert not tracing.enabled
+    span = trace.get_tracer("t").start_span("x")
+    assert not span.is_recording()  # the API's no-op: no SDK installed
+    on = Settings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert on.otel_enabled and on.otel_protocol == "http/protobuf"
+    grpc = Settings.from_env(
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        }
+    )
+    assert grpc.otel_enabled and grpc.otel_protocol == "grpc"
+    assert not Settings.from_env(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}
+    ).otel_enabled
+    assert not Settings.from_env(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}
+    ).otel_enabled
+    with pytest.raises(ConfigurationError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        Settings.from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
