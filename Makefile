@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PG15_BINDIR ?= /usr/lib/postgresql/15/bin
 
-.PHONY: run test test-unit test-integration test-pg15 lint typecheck validate-deploy bench clean
+.PHONY: run test browser test-unit test-integration test-pg15 lint typecheck validate-deploy bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -18,8 +18,19 @@ run: $(STAMP)
 	$(VENV)/bin/mission-runner demo
 
 ## Lint, type-check, unit and integration tests (embedded PostgreSQL 18).
-test: $(STAMP) lint typecheck
+test: $(STAMP) browser lint typecheck
 	$(PY) -m pytest -q
+
+## Debian's chromium for the status-page test (installed when root; else that test skips).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the status-page test"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
+	  else echo "chromium is not installed: the status-page test will be skipped"; fi; \
+	fi
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
