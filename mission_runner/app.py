@@ -5,7 +5,9 @@ Nothing below this module creates its own connections, registries or clocks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -105,12 +107,43 @@ def make_planner(
     )
 
 
-async def check_connection(dsn: str) -> None:
-    try:
-        conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)
-    except psycopg.OperationalError as exc:
-        raise ConfigurationError("DATABASE_URL", f"cannot connect: {str(exc).strip()}") from None
-    await conn.close()
+# The server answered, and the answer will not change by waiting (libpq reports these
+# connection-time errors without an SQLSTATE, so the message is all there is).
+_FINAL_CONNECT_ERRORS = (
+    "does not exist",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "permission denied",
+    "too many connections for role",
+)
+
+
+def _refused_for_good(exc: psycopg.OperationalError) -> bool:
+    sqlstate = exc.sqlstate or ""
+    if sqlstate.startswith("28") or sqlstate == "3D000":
+        return True
+    text = str(exc)
+    return any(marker in text for marker in _FINAL_CONNECT_ERRORS)
+
+
+async def check_connection(dsn: str, *, retry_for: float) -> None:
+    """Connect once. Wrong credentials or database name fail at once; an unreachable or
+    starting server is retried for `retry_for` seconds (a pod may start before its database)."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.5
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            text = str(exc).strip()
+            if _refused_for_good(exc) or time.monotonic() > deadline:
+                raise ConfigurationError("DATABASE_URL", f"cannot connect: {text}") from None
+            log.warning("database not reachable yet (%s); retrying", text.splitlines()[0])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        await conn.close()
+        return
 
 
 @asynccontextmanager
@@ -125,7 +158,7 @@ async def open_app(
     embedded = None
     if dsn is None:
         dsn, embedded = resolve_database(settings)
-    await check_connection(dsn)
+    await check_connection(dsn, retry_for=settings.connect_retry)
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
     session = None

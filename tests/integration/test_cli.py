@@ -149,6 +149,16 @@ def test_dev_schema_is_idempotent(pg_db: TestDatabase) -> None:
     assert policies == (2,)
 
 
+def test_a_wrong_database_name_fails_at_once(db: TestDatabase) -> None:
+    from psycopg import conninfo as ci
+
+    started = time.monotonic()
+    done = cli(db, "catch-up", dsn=ci.make_conninfo(db.dsn, dbname="no_such_database"))
+    assert done.returncode == 2
+    assert "no_such_database" in done.stderr and "DATABASE_URL" in done.stderr
+    assert time.monotonic() - started < 15  # not retried like an unreachable server
+
+
 def test_run_without_sync_changes_fails_clearly(pg_db: TestDatabase) -> None:
     done = cli(pg_db, "catch-up")
     assert done.returncode == 2
@@ -175,6 +185,11 @@ def test_run_stops_cleanly_on_sigterm(
 
 
 def test_wrong_database_url_exits_2(db: TestDatabase) -> None:
-    done = cli(db, "catch-up", dsn="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    done = cli(
+        db,
+        "catch-up",
+        dsn="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2",
+        MISSION_RUNNER_CONNECT_RETRY="1s",
+    )
     assert done.returncode == 2
     assert "DATABASE_URL" in done.stderr
