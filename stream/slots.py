@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from psycopg import AsyncConnection, sql
-
 import psycopg
+from psycopg import AsyncConnection, sql
 
 from mission_runner.errors import SetupError
 from stream.lsn import Lsn
