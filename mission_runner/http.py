@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mission_runner.clock import Clock
+from mission_runner.errors import ConfigurationError
 from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
 from mission_runner.missions import MissionRuntime
@@ -206,7 +207,13 @@ async def serve(status_app: StatusApp, host: str, port: int) -> web.AppRunner:
     runner = web.AppRunner(status_app.make_app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigurationError(
+            "HTTP_PORT", f"cannot listen on {host}:{port} ({exc.strerror}); choose a free port"
+        ) from None
     status_app.port = int(runner.addresses[0][1]) if runner.addresses else port
     log.info("HTTP on http://%s:%d (status page /, metrics /metrics)", host, status_app.port)
     return runner
