@@ -336,13 +336,8 @@ class MissionRuntime:
     ) -> str:
         iteration_id = iteration_id_for(occ.user_id, occ.mission_id, occ.at_us)
         ctx = {"mission_id": occ.mission_id, "agent_id": gate.agent_id}
-        with _db_span("ledger.claim"):
-            async with self.pool.connection() as conn:
-                entry = await ledger.claim(
-                    conn, occ.user_id, occ.mission_id, occ.at_us, iteration_id
-                )
-        if entry.final:
-            self._done[occ.key] = occ.at_us
+        entry = await self._claim(occ, iteration_id)
+        if entry is None:
             return "duplicate"
         started = self.clock.now_us()
         self.metrics.dispatch_delay.observe(max(0.0, (started - occ.at_us) / 1_000_000))
@@ -384,12 +379,8 @@ class MissionRuntime:
                 async with self.pool.connection() as conn:
                     await ledger.note_error(conn, occ.user_id, occ.mission_id, occ.at_us, str(exc))
                 await asyncio.sleep(self._backoff(attempt, getattr(exc, "retry_after", None)))
-                async with self.pool.connection() as conn:
-                    entry = await ledger.claim(
-                        conn, occ.user_id, occ.mission_id, occ.at_us, iteration_id
-                    )
-                if entry.final:
-                    self._done[occ.key] = occ.at_us
+                entry = await self._claim(occ, iteration_id)
+                if entry is None:
                     return "duplicate"
                 attempt = entry.attempts
         failpoints.hit("after-planner")
@@ -466,6 +457,18 @@ class MissionRuntime:
             extra=ctx,
         )
         return status
+
+    async def _claim(self, occ: Occurrence, iteration_id: str) -> ledger.LedgerEntry | None:
+        """Count one more planning attempt; None when the occurrence is already final."""
+        with _db_span("ledger.claim"):
+            async with self.pool.connection() as conn:
+                entry = await ledger.claim(
+                    conn, occ.user_id, occ.mission_id, occ.at_us, iteration_id
+                )
+        if entry.final:
+            self._done[occ.key] = occ.at_us
+            return None
+        return entry
 
     async def _abandon(self, occ: Occurrence, why: str) -> str:
         async with self.pool.connection() as conn:
