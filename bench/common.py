@@ -21,6 +21,10 @@ BENCH_SETTINGS = {
     "max_replication_slots": "20",
     "shared_buffers": "256MB",
     "max_wal_size": "4GB",
+    # A vacuum of the freshly loaded table would start at a random moment, usually during a
+    # measured run, and add its CPU and its WAL (~85 MB here, decoded by the walsender) to
+    # whichever consumer it hits. Benchmarks measure consumers, so nothing vacuums.
+    "autovacuum": "off",
 }
 
 

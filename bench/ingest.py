@@ -4,12 +4,19 @@ Both read the same slot position, with the same publication and protocol options
 ratio of their row rates is the figure (target: catch-up >= 0.6x pg_recvlogical).
 
     .venv/bin/python bench/ingest.py [--rows 300000] [--tx-size 1000] [--missions 10000]
+                                     [--repeat 1] [--env NAME=VALUE ...] [--cli-module M]
+
+Both compete for the same two cores with the server's walsender, so figures move with
+whatever else the machine runs: take several rounds (`--repeat`) and read the median. The
+catch-up line also gives the CPU time the command used, which moves less.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +37,11 @@ def main() -> None:
     ap.add_argument("--missions", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=1, help="rounds, each on fresh slots")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for catch-up")
+    ap.add_argument(
+        "--cli-module",
+        default="mission_runner.cli",
+        help="the module run as `python -m` for catch-up (to measure a wrapped or patched CLI)",
+    )
     args = ap.parse_args()
 
     with bench_server() as server:
@@ -41,11 +53,12 @@ def main() -> None:
             "LOG_LEVEL": "warning",
             **dict(e.split("=", 1) for e in args.env),
         }
-        cli = [sys.executable, "-m", "mission_runner.cli"]
+        cli = [sys.executable, "-m", args.cli_module]
         print(
             f"PostgreSQL {server.version}; {args.rows} mission rows in transactions of "
             f"{args.tx_size}, over {args.missions} missions"
         )
+        ratios: list[float] = []
         for rnd in range(args.repeat):
             slot = f"mission_runner_{rnd}"
             recv_slot = f"recvlogical_{rnd}"
@@ -99,10 +112,12 @@ def main() -> None:
             recv_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()
+            cpu0 = _children_cpu()
             out = subprocess.run(
                 [*cli, "catch-up"], env=env, check=True, cwd=ROOT, capture_output=True, text=True
             )
             ours_s = time.perf_counter() - t0
+            ours_cpu = _children_cpu() - cpu0
             print("  " + out.stdout.strip())
 
             recv_rate = args.rows / recv_s
@@ -110,9 +125,10 @@ def main() -> None:
             print(f"  pg_recvlogical to /dev/null: {recv_s:6.2f} s  {recv_rate:10,.0f} rows/s")
             print(
                 f"  mission-runner catch-up:     {ours_s:6.2f} s  {ours_rate:10,.0f} rows/s"
-                "  (whole command: start, boot, stream, persist, confirm)"
+                f"  (whole command: start, boot, stream, persist, confirm; {ours_cpu:.2f} s CPU)"
             )
-            print(f"  ratio catch-up / pg_recvlogical: {ours_rate / recv_rate:.2f}")
+            ratios.append(ours_rate / recv_rate)
+            print(f"  ratio catch-up / pg_recvlogical: {ratios[-1]:.2f}")
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (recv_slot,))
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
@@ -121,6 +137,14 @@ def main() -> None:
                     "TRUNCATE mana_ai.mission_snapshots, mana_ai.agent_snapshots,"
                     " mana_ai.stream_checkpoint"
                 )
+        if len(ratios) > 1:
+            print(f"median ratio over {len(ratios)} rounds: {statistics.median(ratios):.2f}")
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Final
 YOUNG_THRESHOLD: Final = 50_000
 """Net container allocations between young collections (CPython's default: 700)."""
 
-OLDER_THRESHOLDS: Final = (20, 100)
+OLDER_THRESHOLDS: Final = (20, 10)
 """Young collections per middle collection, middle collections per full one (defaults 10,
 10; a full collection also waits until the long-lived heap has grown by a quarter)."""
 

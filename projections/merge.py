@@ -126,11 +126,6 @@ def format_stamp(us: int) -> str:
     return f"{year_text}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{frac_text}Z"
 
 
-def _stamp_of(key: FieldKey) -> int:
-    """The instant `__fieldMeta` reports for a key: an unstamped winner reports its created_at."""
-    return key[1] if key[0] == UNSTAMPED else key[0]
-
-
 # --- state -------------------------------------------------------------------------------
 
 
@@ -362,7 +357,17 @@ def to_record(state: RecordState) -> dict[str, JsonValue]:
     field's winning stamp as ISO text. A new top-level dict; nested values are shared."""
     record: dict[str, JsonValue] = {"id": state.record_id}
     record.update(state.values)
-    record["__fieldMeta"] = {name: format_stamp(_stamp_of(key)) for name, key in state.keys.items()}
+    # Fields a row stamped alike share one key tuple (see RecordState), and keys keep the
+    # order fields were first seen in, so runs of equal keys are common: format once a run.
+    field_meta: dict[str, JsonValue] = {}
+    last_key: FieldKey | None = None
+    text = ""
+    for name, key in state.keys.items():
+        if key is not last_key:
+            last_key = key  # an unstamped winner reports its row's created_at
+            text = format_stamp(key[1] if key[0] == UNSTAMPED else key[0])
+        field_meta[name] = text
+    record["__fieldMeta"] = field_meta
     return record
 
 
@@ -370,10 +375,16 @@ def keys_to_json(state: RecordState) -> dict[str, JsonValue]:
     """The merge keys as JSON, for the `merge_keys` column beside `record`:
     `{field: [stamp_us | null, created_us, event_id]}`, null standing for an unstamped insert
     field. The integers of real instants stay below 2**53, so JSON readers keep them exact."""
-    return {
-        name: [None if stamp == UNSTAMPED else stamp, created, event_id]
-        for name, (stamp, created, event_id) in state.keys.items()
-    }
+    out: dict[str, JsonValue] = {}
+    last_key: FieldKey | None = None
+    entry: JsonValue = None
+    for name, key in state.keys.items():
+        if key is not last_key:  # one list per run of shared key tuples (see to_record)
+            last_key = key
+            stamp, created, event_id = key
+            entry = [None if stamp == UNSTAMPED else stamp, created, event_id]
+        out[name] = entry
+    return out
 
 
 def _key_from_json(name: str, entry: object) -> FieldKey:

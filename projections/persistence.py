@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 import orjson
 from psycopg import AsyncConnection, sql
@@ -21,8 +22,9 @@ from stream.lsn import Lsn
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Snapshot batches above this size go through COPY into a staging table, smaller ones
-# through a pipelined executemany.
+# through a pipelined executemany. COPY data is sent this many rows at a time.
 _COPY_THRESHOLD = 64
+_COPY_CHUNK: Final = 1000
 
 
 def us_to_datetime(us: int) -> datetime:
@@ -54,15 +56,91 @@ class SnapshotRow:
 
 
 def serialize(state: RecordState) -> SnapshotRow:
-    return SnapshotRow(
-        user_id=state.user_id,
-        record_id=state.record_id,
-        record=orjson.dumps(to_record(state)),
-        merge_keys=orjson.dumps(keys_to_json(state)),
-        last_applied_us=state.last_applied_us or 0,
-        lsn=state.last_lsn or Lsn(0),
-        deleted=state.deleted,
-    )
+    """The state as its snapshot row will hold it, taken now (see `SnapshotRow`)."""
+    row = _object_new(SnapshotRow)
+    _set_user_id(row, state.user_id)
+    _set_record_id(row, state.record_id)
+    _set_record(row, _compact(_dumps(to_record(state))))
+    _set_merge_keys(row, _compact(_dumps(keys_to_json(state))))
+    _set_last_applied_us(row, state.last_applied_us or 0)
+    _set_lsn(row, state.last_lsn or _LSN_ZERO)
+    _set_deleted(row, state.deleted)
+    return row
+
+
+def _compact(data: bytes) -> bytes:
+    """A right-sized copy of `orjson.dumps` output. orjson returns the buffer it wrote into,
+    allocated larger than the output and shrunk afterwards; with thousands of them alive,
+    as in a batch, nearly every call lands on fresh pages (measured with orjson 3.13: ~5 µs
+    per call instead of ~0.2 µs). Once copied, the buffer is freed for the next call."""
+    return bytes(memoryview(data))
+
+
+# `serialize` runs for every dirty record of every group commit, while the stream waits:
+# it builds rows without the frozen-dataclass __init__ (which goes through
+# `object.__setattr__` per field); the slot descriptors set the same fields.
+_dumps: Final = orjson.dumps
+_LSN_ZERO: Final = Lsn(0)
+_object_new: Final = object.__new__
+_set_user_id: Final = SnapshotRow.__dict__["user_id"].__set__
+_set_record_id: Final = SnapshotRow.__dict__["record_id"].__set__
+_set_record: Final = SnapshotRow.__dict__["record"].__set__
+_set_merge_keys: Final = SnapshotRow.__dict__["merge_keys"].__set__
+_set_last_applied_us: Final = SnapshotRow.__dict__["last_applied_us"].__set__
+_set_lsn: Final = SnapshotRow.__dict__["lsn"].__set__
+_set_deleted: Final = SnapshotRow.__dict__["deleted"].__set__
+
+
+def copy_text(rows: Sequence[SnapshotRow]) -> bytes:
+    """`rows` in COPY's text format, for the staging table of `_write_snapshots`:
+    user_id, record_id, record, merge_keys, last_applied_at, lsn, deleted.
+
+    Text values escape backslash, newline, carriage return and tab, which is all the
+    format asks for (no value contains NUL: all of them came out of PostgreSQL text or
+    out of orjson, whose JSON escapes every control character). Times and LSNs repeat
+    across a batch (one per transaction), so each distinct one is formatted once.
+    """
+    times: dict[int, bytes] = {}
+    lsns: dict[int, bytes] = {}
+    lines = []
+    for r in rows:
+        at = times.get(r.last_applied_us)
+        if at is None:
+            at = times[r.last_applied_us] = us_to_datetime(r.last_applied_us).isoformat().encode()
+        lsn = lsns.get(r.lsn)
+        if lsn is None:
+            lsn = lsns[r.lsn] = str(r.lsn).encode()
+        record, merge_keys = r.record, r.merge_keys
+        if b"\\" in record:  # JSON text holds no raw control characters: only backslashes
+            record = record.replace(b"\\", b"\\\\")
+        if b"\\" in merge_keys:
+            merge_keys = merge_keys.replace(b"\\", b"\\\\")
+        lines.append(
+            b"\t".join(
+                (
+                    _copy_escape(r.user_id.encode()),
+                    _copy_escape(r.record_id.encode()),
+                    record,
+                    merge_keys,
+                    at,
+                    lsn,
+                    b"t" if r.deleted else b"f",
+                )
+            )
+        )
+    lines.append(b"")
+    return b"\n".join(lines)
+
+
+def _copy_escape(value: bytes) -> bytes:
+    if b"\\" in value or b"\n" in value or b"\r" in value or b"\t" in value:
+        value = (
+            value.replace(b"\\", b"\\\\")
+            .replace(b"\n", b"\\n")
+            .replace(b"\r", b"\\r")
+            .replace(b"\t", b"\\t")
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,20 +207,12 @@ async def _write_snapshots(
             " ON COMMIT DELETE ROWS"
         ).format(stage)
     )
+    if conn.info.encoding != "utf-8":  # copy_text is UTF-8; this transaction only
+        await conn.execute("SET LOCAL client_encoding TO 'UTF8'")
     async with conn.cursor() as cur:
         async with cur.copy(sql.SQL("COPY {} FROM STDIN").format(stage)) as copy:
-            for r in rows:
-                await copy.write_row(
-                    (
-                        r.user_id,
-                        r.record_id,
-                        r.record.decode(),
-                        r.merge_keys.decode(),
-                        us_to_datetime(r.last_applied_us),
-                        str(r.lsn),
-                        r.deleted,
-                    )
-                )
+            for start in range(0, len(rows), _COPY_CHUNK):
+                await copy.write(copy_text(rows[start : start + _COPY_CHUNK]))
         await cur.execute(
             _upsert_sql(
                 kind,

@@ -8,15 +8,15 @@ at-least-once delivery from the slot becomes exactly-once application.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from projections.decode import Rejected, Value, column_indexes, decode_row, wanted
-from projections.rows import MISSIONS_TABLE, ChangeRow, JsonValue
+from projections.decode import Picker, Rejected, Value, column_indexes, decode_columns, picker
+from projections.rows import MISSIONS_TABLE, JsonValue
 from projections.stores import SnapshotStore
 from stream.lsn import ZERO, Lsn
-from stream.pgoutput import Relation
-from stream.transactions import CommittedTransaction
+from stream.messages import Relation
+from stream.transactions import CommittedTransaction, RowInsert
 
 RecordKey = tuple[str, str]
 
@@ -60,32 +60,32 @@ class Projector:
         self.agents = agents
         self.applied_lsn = applied_lsn
         self.applied_commit_time_us = applied_commit_time_us
-        self._relations: dict[int, tuple[Relation, tuple[int, ...] | None]] = {}
+        # Relation OID -> the Relation last seen and how to pick COLUMNS from its tuples
+        # (None: not sync_changes, or it lacks a column we read).
+        self._relations: dict[int, tuple[Relation, Picker | None]] = {}
 
     def already_applied(self, tx: CommittedTransaction) -> bool:
         return tx.commit_lsn < self.applied_lsn
 
-    def _indexes(self, relation: Relation) -> tuple[int, ...] | None:
+    def _picker(self, relation: Relation) -> Picker | None:
         cached = self._relations.get(relation.oid)
         if cached is not None and cached[0] is relation:
             return cached[1]
-        idx = None
+        pick = None
         if relation.name == "sync_changes":
             idx = column_indexes(tuple(c.name for c in relation.columns))
-        self._relations[relation.oid] = (relation, idx)
-        return idx
+            if idx is not None:
+                pick = picker(idx)
+        self._relations[relation.oid] = (relation, pick)
+        return pick
 
     def apply_transaction(self, tx: CommittedTransaction) -> Outcome | None:
         """Apply a committed transaction; None when it was applied before (skipped)."""
         if self.already_applied(tx):
             return None
         outcome = Outcome()
-        for ins in tx.inserts:
-            idx = self._indexes(ins.relation)
-            if idx is None:
-                outcome.foreign_rows += 1
-                continue
-            self._apply_values(ins.values, idx, tx.commit_lsn, tx.commit_time_us, outcome)
+        rows = self._columns_of(tx.inserts, outcome)
+        self._apply_columns(rows, tx.commit_lsn, tx.commit_time_us, outcome)
         self.applied_lsn = tx.end_lsn
         self.applied_commit_time_us = tx.commit_time_us
         return outcome
@@ -106,42 +106,55 @@ class Projector:
         outcome: Outcome,
     ) -> None:
         """Apply rows read from the table in an exported snapshot (initial load, rebuild)."""
-        for values in rows:
-            self._apply_values(values, idx, lsn, commit_time_us, outcome)
+        self._apply_columns(map(picker(idx), rows), lsn, commit_time_us, outcome)
 
-    def _apply_values(
+    def _columns_of(
+        self, inserts: list[RowInsert], outcome: Outcome
+    ) -> Iterator[tuple[Value, ...]]:
+        """The COLUMNS values of the inserted sync_changes rows; counts the others."""
+        relation: Relation | None = None
+        pick: Picker | None = None
+        for ins in inserts:
+            if ins.relation is not relation:
+                relation = ins.relation
+                pick = self._picker(relation)
+            if pick is None:
+                outcome.foreign_rows += 1
+            else:
+                yield pick(ins.values)
+
+    def _apply_columns(
         self,
-        values: tuple[Value, ...],
-        idx: tuple[int, ...],
+        rows: Iterable[tuple[Value, ...]],
         lsn: Lsn,
         commit_time_us: int,
         outcome: Outcome,
     ) -> None:
-        if not wanted(values, idx):
-            outcome.foreign_rows += 1
-            return
-        row = decode_row(values, idx)
-        if isinstance(row, Rejected):
-            raw: dict[str, JsonValue] = {"columns": row.raw, "detail": row.detail}
-            outcome.dead_letters.append(DeadLetter(lsn, row.event_id, row.reason, raw))
-            return
-        self.apply_row(row, lsn, commit_time_us, outcome)
-
-    def apply_row(self, row: ChangeRow, lsn: Lsn, commit_time_us: int, outcome: Outcome) -> None:
-        if row.table_name == MISSIONS_TABLE:
-            store, changed = self.missions, outcome.changed_missions
-            outcome.mission_rows += 1
-        else:
-            store, changed = self.agents, outcome.changed_agents
-            outcome.agent_rows += 1
-        key = (row.user_id, row.record_id)
-        result = store.apply(row)
-        outcome.invalid_stamps += result.invalid_stamps
-        if result.changed:
-            state = store.get(row.user_id, row.record_id)
-            assert state is not None
-            state.last_lsn = lsn
-            state.last_applied_us = commit_time_us
-            changed.append(key)
-        if result.created:
-            outcome.new_records += 1
+        # The hot loop of ingest: every streamed row passes here, so the stores and lists
+        # are held in locals. A row's state records the LSN and commit time of the
+        # transaction that last changed it (its bookkeeping, set by the store).
+        missions, agents = self.missions, self.agents
+        changed_missions, changed_agents = outcome.changed_missions, outcome.changed_agents
+        for columns in rows:
+            row = decode_columns(columns)
+            if row is None:
+                outcome.foreign_rows += 1
+                continue
+            if isinstance(row, Rejected):
+                raw: dict[str, JsonValue] = {"columns": row.raw, "detail": row.detail}
+                outcome.dead_letters.append(DeadLetter(lsn, row.event_id, row.reason, raw))
+                continue
+            if row.table_name == MISSIONS_TABLE:
+                result = missions.apply(row, lsn, commit_time_us)
+                outcome.mission_rows += 1
+                if result.changed:
+                    changed_missions.append((row.user_id, row.record_id))
+            else:
+                result = agents.apply(row, lsn, commit_time_us)
+                outcome.agent_rows += 1
+                if result.changed:
+                    changed_agents.append((row.user_id, row.record_id))
+            if result.invalid_stamps:
+                outcome.invalid_stamps += result.invalid_stamps
+            if result.created:
+                outcome.new_records += 1

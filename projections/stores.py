@@ -28,6 +28,7 @@ from projections.merge import (
     mission_view,
 )
 from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow, JsonValue
+from stream.lsn import Lsn
 
 Kind: TypeAlias = Literal["mission", "agent"]
 StoreKey: TypeAlias = tuple[str, str]
@@ -43,7 +44,16 @@ def _mission_is_live(state: RecordState) -> bool:
 class SnapshotStore:
     """The merged states of one kind of record, with dirty tracking for the persister."""
 
-    __slots__ = ("_dirty", "_is_live", "_live", "_states", "_view", "kind", "table_name")
+    __slots__ = (
+        "_dirty",
+        "_is_live",
+        "_live",
+        "_live_beyond_flags",
+        "_states",
+        "_view",
+        "kind",
+        "table_name",
+    )
 
     def __init__(self, kind: Kind) -> None:
         if kind not in _TABLE_OF:
@@ -57,16 +67,25 @@ class SnapshotStore:
         self._is_live: Callable[[RecordState], bool] = (
             _mission_is_live if kind == "mission" else agent_is_live
         )
+        # `apply` runs per streamed row: it tests the flags every kind's liveness needs
+        # itself, and calls out only for what a kind adds (agents: `deletedAt`).
+        self._live_beyond_flags: Callable[[RecordState], bool] | None = (
+            None if kind == "mission" else agent_is_live
+        )
         self._view: Callable[[RecordState], dict[str, JsonValue] | None] = (
             mission_view if kind == "mission" else agent_view
         )
 
     # --- writes ---------------------------------------------------------------------------
 
-    def apply(self, row: ChangeRow) -> ApplyOutcome:
+    def apply(
+        self, row: ChangeRow, lsn: Lsn | None = None, applied_us: int | None = None
+    ) -> ApplyOutcome:
         """Fold one row into its record's state, creating the state on first sight.
 
-        Raises ValueError for a row of another table: routing rows is the caller's job.
+        When the state changes and `lsn` is given, its bookkeeping becomes `lsn` and
+        `applied_us` (the transaction that changed it last). Raises ValueError for a row of
+        another table: routing rows is the caller's job.
         """
         if row.table_name != self.table_name or row.app_id != APP_ID:
             raise ValueError(
@@ -75,16 +94,25 @@ class SnapshotStore:
             )
         key = (row.user_id, row.record_id)
         state = self._states.get(key)
+        beyond_flags = self._live_beyond_flags
         if state is None:
             state = RecordState(row.user_id, row.record_id)
             self._states[key] = state
             was_live = False
         else:
-            was_live = self._is_live(state)
+            was_live = (
+                state.exists and not state.deleted and (beyond_flags is None or beyond_flags(state))
+            )
         outcome = apply_row(state, row)
         if outcome.changed:
             self._dirty[key] = state
-            self._live += self._is_live(state) - was_live
+            is_live = (
+                state.exists and not state.deleted and (beyond_flags is None or beyond_flags(state))
+            )
+            self._live += is_live - was_live
+            if lsn is not None:
+                state.last_lsn = lsn
+                state.last_applied_us = applied_us
         return outcome
 
     def merge_in(self, state: RecordState) -> bool:

@@ -2,8 +2,8 @@
 
 It runs replication commands (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT) through psycopg and
 then drives the COPY_BOTH stream directly on `psycopg.pq`: frames in through the sans-IO frame
-codec, pgoutput decoder and transaction assembler, committed transactions out to a sink;
-standby status updates back.
+codec, pgoutput decoder and transaction assembler (chained by `stream.reader.FrameReader`),
+committed transactions out to a sink; standby status updates back.
 
 Invariants:
 - Only positions the sink has made durable are confirmed as flushed (`confirm()`); the sink
@@ -12,7 +12,8 @@ Invariants:
   is waiting: no open (or buffered streamed) transaction here, and nothing applied but
   unpersisted in the sink.
 - Status updates go out on their own timer, checked inside the data path too, so a flood of
-  data never starves them; a keepalive that asks for a reply is answered at once.
+  data never starves them; a keepalive that asks for a reply, and a position the sink has
+  just confirmed, go out within `_FRAMES_PER_YIELD` frames.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from mission_runner.errors import (
     SlotInUseError,
     SlotLostError,
 )
-from stream.frames import PrimaryKeepalive, XLogData, encode_status_update, parse_frame
+from stream.frames import PrimaryKeepalive, encode_status_update
 from stream.lsn import ZERO, Lsn
-from stream.pgoutput import LogicalMessage, PgOutputDecoder
-from stream.transactions import CommittedTransaction, TransactionAssembler
+from stream.messages import LogicalMessage
+from stream.reader import FrameReader
+from stream.transactions import CommittedTransaction
 
 log = logging.getLogger(__name__)
 
@@ -322,8 +324,9 @@ class ReplicationConnection:
         stop: asyncio.Event | None,
     ) -> None:
         pgconn = self._conn.pgconn
-        decoder = PgOutputDecoder(options.proto_version)
-        assembler = TransactionAssembler()
+        get_copy_data = pgconn.get_copy_data
+        reader = FrameReader(options.proto_version)
+        feed = reader.feed
         stats = self.stats
         clock = self._clock
         interval = options.status_interval
@@ -339,50 +342,57 @@ class ReplicationConnection:
                 raise ConnectionLostError(f"replication connection lost: {exc}") from exc
             handled = 0
             reply_now = False
+            drained = False
+            # The data path: one iteration per frame, so it keeps to locals. The received
+            # position lives in the reader and reaches `stats` before anything else can
+            # read it (a sink call, an await).
             while True:
                 try:
-                    nbytes, data = pgconn.get_copy_data(1)
+                    nbytes, data = get_copy_data(1)
+                    if nbytes == 0 and not drained:
+                        # libpq's buffer is empty: read the socket once more before paying
+                        # for a trip through the event loop. Fairness does not suffer: the
+                        # loop still yields every _FRAMES_PER_YIELD frames.
+                        drained = True
+                        pgconn.consume_input()
+                        continue
                 except psycopg.OperationalError as exc:
                     raise ConnectionLostError(f"replication stream failed: {exc}") from exc
-                if nbytes == 0:
-                    break
-                if nbytes == -1:
+                if nbytes <= 0:
+                    if nbytes == 0:
+                        break
                     res = pgconn.get_result()
                     if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
                         raise _translate_result_error(res, options.slot)
                     raise ConnectionLostError("the server ended the replication stream")
+                drained = False
                 stats.frames += 1
                 stats.bytes += nbytes
-                frame = parse_frame(bytes(data))
-                if type(frame) is XLogData:
-                    if frame.wal_end > stats.received_lsn:
-                        stats.received_lsn = frame.wal_end
-                    msg = decoder.decode(frame.payload, frame.wal_start)
-                    out = assembler.feed(msg, frame.wal_start)
-                    if out is not None:
-                        if type(out) is CommittedTransaction:
-                            stats.transactions += 1
-                            sink.on_transaction(out)
-                        elif isinstance(out, LogicalMessage):
-                            sink.on_logical_message(out)
-                else:
-                    assert isinstance(frame, PrimaryKeepalive)
-                    stats.keepalives += 1
-                    stats.last_server_time_us = frame.send_time_us
-                    if frame.wal_end > stats.received_lsn:
-                        stats.received_lsn = frame.wal_end
-                    # Invariant: only when nothing received is pending anywhere.
-                    if not assembler.in_transaction and sink.is_idle():
-                        sink.on_idle_position(frame.wal_end)
-                    if frame.reply_requested:
-                        reply_now = True
+                out = feed(bytes(data))
                 handled += 1
+                if out is not None:
+                    self._note_received(reader)
+                    if isinstance(out, CommittedTransaction):
+                        stats.transactions += 1
+                        sink.on_transaction(out)
+                    elif isinstance(out, PrimaryKeepalive):
+                        stats.keepalives += 1
+                        stats.last_server_time_us = out.send_time_us
+                        # Invariant: only when nothing received is pending anywhere.
+                        if not reader.in_transaction and sink.is_idle():
+                            sink.on_idle_position(out.wal_end)
+                        if out.reply_requested:
+                            reply_now = True
+                    else:
+                        sink.on_logical_message(out)
                 if handled % _FRAMES_PER_YIELD == 0:
-                    if reply_now or clock.monotonic() >= next_status:
+                    self._note_received(reader)
+                    if reply_now or self._status_due or clock.monotonic() >= next_status:
                         await self._send_status(wake)
                         next_status = clock.monotonic() + interval
                         reply_now = False
                     await asyncio.sleep(0)
+            self._note_received(reader)
             now = clock.monotonic()
             if reply_now or self._status_due or now >= next_status:
                 await self._send_status(wake)
@@ -398,3 +408,9 @@ class ReplicationConnection:
                     await wake.wait()
             except TimeoutError:
                 pass
+
+    def _note_received(self, reader: FrameReader) -> None:
+        """Bring `stats.received_lsn` up to what the reader has seen."""
+        received = reader.received_lsn
+        if received > self.stats.received_lsn:
+            self.stats.received_lsn = received

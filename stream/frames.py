@@ -34,7 +34,10 @@ _XLOG_HEADER: Final = struct.Struct("!QQq")  # after the 'w' tag
 _KEEPALIVE: Final = struct.Struct("!QqB")  # after the 'k' tag
 _STATUS_UPDATE: Final = struct.Struct("!cQQQqB")
 
-_XLOG_PAYLOAD_AT: Final = 1 + _XLOG_HEADER.size  # 25: where the pgoutput message starts
+XLOG_PAYLOAD_AT: Final = 1 + _XLOG_HEADER.size
+"""25: where the pgoutput message of an XLogData frame starts."""
+_WAL_END: Final = struct.Struct("!Q")
+_WAL_END_AT: Final = 9  # after the 'w' tag and the wal start
 _KEEPALIVE_SIZE: Final = 1 + _KEEPALIVE.size  # 18: a keepalive is exactly this long
 
 _TAG_XLOG: Final = 0x77  # 'w'
@@ -83,9 +86,9 @@ def parse_frame(buf: bytes) -> XLogData | PrimaryKeepalive:
         raise DecodeError("empty replication frame")
     tag = buf[0]
     if tag == _TAG_XLOG:
-        if len(buf) < _XLOG_PAYLOAD_AT:
+        if len(buf) < XLOG_PAYLOAD_AT:
             raise DecodeError(
-                f"XLogData header truncated: {len(buf)} bytes, need {_XLOG_PAYLOAD_AT}",
+                f"XLogData header truncated: {len(buf)} bytes, need {XLOG_PAYLOAD_AT}",
                 tag="w",
             )
         start, end, sent = _XLOG_HEADER.unpack_from(buf, 1)
@@ -95,7 +98,7 @@ def parse_frame(buf: bytes) -> XLogData | PrimaryKeepalive:
         _set_wal_start(frame, _new_lsn(Lsn, start))
         _set_wal_end(frame, _new_lsn(Lsn, end))
         _set_send_time(frame, sent + PG_EPOCH_OFFSET_US)
-        _set_payload(frame, buf[_XLOG_PAYLOAD_AT:])
+        _set_payload(frame, buf[XLOG_PAYLOAD_AT:])
         return frame
     if tag == _TAG_KEEPALIVE:
         if len(buf) < _KEEPALIVE_SIZE:
@@ -111,6 +114,14 @@ def parse_frame(buf: bytes) -> XLogData | PrimaryKeepalive:
             raise DecodeError(f"keepalive reply flag is {reply}, not 0 or 1", lsn=end, tag="k")
         return PrimaryKeepalive(_new_lsn(Lsn, end), sent + PG_EPOCH_OFFSET_US, reply == 1)
     raise DecodeError(f"unknown replication frame tag {tag:#04x}", tag=_tag_text(tag))
+
+
+def xlog_wal_end(buf: bytes) -> int:
+    """The WAL end field of an XLogData frame: for a caller that read the rest of the frame
+    in place and so never built an `XLogData`. `buf` must be a 'w' frame with a complete
+    header (at least `XLOG_PAYLOAD_AT` bytes); its value fits an `Lsn` by construction."""
+    end: int = _WAL_END.unpack_from(buf, _WAL_END_AT)[0]
+    return end
 
 
 _object_new: Final = object.__new__

@@ -16,217 +16,65 @@ written for speed: generated unrolled parsers, one struct call per non-null colu
 per-column bounds check. That is safe because of one invariant of `_columns`: the read
 position only ever moves forward, and a value slice that the buffer cut short leaves the
 position past the end, so every later read fails and the final "consumed exactly" check
-cannot pass.
+cannot pass. `plain_insert` goes one step further for the consumer: it reads an Insert
+where it lies in the frame, with no payload copy and no message object.
+
+The message values themselves live in `stream.messages`; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Final, TypeAlias, cast
 
 from mission_runner.errors import DecodeError, ProtocolUsageError
 from stream.frames import PG_EPOCH_OFFSET_US
 from stream.lsn import Lsn
-
-
-class Unchanged(enum.Enum):
-    """Marks a column the server did not send: an unchanged TOASTed value ('u')."""
-
-    TOAST = "u"
-
-    def __repr__(self) -> str:
-        return "UNCHANGED"
-
-
-UNCHANGED: Final = Unchanged.TOAST
-
-TupleData: TypeAlias = tuple[bytes | Unchanged | None, ...]
-"""Column values in relation column order: the text ('t') or binary ('b') bytes as sent,
-None for NULL ('n'), `UNCHANGED` for an unchanged TOASTed value ('u')."""
-
-
-@dataclass(frozen=True, slots=True)
-class Begin:
-    final_lsn: Lsn
-    commit_time_us: int
-    xid: int
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    flags: int
-    commit_lsn: Lsn
-    end_lsn: Lsn
-    commit_time_us: int
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """The transaction was replayed from `name`; `commit_lsn` is its LSN there (0 when
-    sent at the start of a streamed transaction, whose commit is not yet known)."""
-
-    commit_lsn: Lsn
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    flags: int
-    name: str
-    type_oid: int
-    type_modifier: int
-
-    @property
-    def is_key(self) -> bool:
-        """Part of the replica identity (flag bit 1)."""
-        return bool(self.flags & 1)
-
-
-@dataclass(frozen=True, slots=True)
-class Relation:
-    """A table's shape. Changes refer to it by `oid`; a later Relation replaces it.
-
-    `replica_identity` is pg_class.relreplident: 'd' default, 'n' nothing, 'f' full,
-    'i' index. Columns exclude generated columns, in the order tuple values arrive.
-    """
-
-    xid: int | None
-    oid: int
-    namespace: str
-    name: str
-    replica_identity: str
-    columns: tuple[Column, ...]
-    _index: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_index", {c.name: i for i, c in enumerate(self.columns)})
-
-    @property
-    def key_flags(self) -> tuple[bool, ...]:
-        """Per column: is it part of the replica identity key?"""
-        return tuple(c.is_key for c in self.columns)
-
-    def column_index(self, name: str) -> int:
-        """Position of column `name` in this relation's tuples; KeyError if absent."""
-        try:
-            return self._index[name]
-        except KeyError:
-            where = f"{self.namespace}.{self.name}"
-            raise KeyError(f"relation {where} has no column {name!r}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Type:
-    xid: int | None
-    oid: int
-    namespace: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    xid: int | None
-    relation_oid: int
-    new: TupleData
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """`old_kind` is 'K' (old key columns, others None), 'O' (whole old row, REPLICA
-    IDENTITY FULL) or None (no old values sent: the key did not change)."""
-
-    xid: int | None
-    relation_oid: int
-    old_kind: str | None
-    old: TupleData | None
-    new: TupleData
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    xid: int | None
-    relation_oid: int
-    old_kind: str
-    old: TupleData
-
-
-@dataclass(frozen=True, slots=True)
-class Truncate:
-    xid: int | None
-    options: int
-    relation_oids: tuple[int, ...]
-
-    @property
-    def cascade(self) -> bool:
-        return bool(self.options & 1)
-
-    @property
-    def restart_identity(self) -> bool:
-        return bool(self.options & 2)
-
-
-@dataclass(frozen=True, slots=True)
-class LogicalMessage:
-    """A `pg_logical_emit_message` record. Non-transactional ones arrive outside any
-    transaction, as soon as they are decoded, whatever becomes of their transaction."""
-
-    xid: int | None
-    transactional: bool
-    lsn: Lsn
-    prefix: str
-    content: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStart:
-    """Opens a block of changes of in-progress transaction `xid` (top-level xid)."""
-
-    xid: int
-    first_segment: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStop:
-    """Closes the current stream block."""
-
-
-@dataclass(frozen=True, slots=True)
-class StreamCommit:
-    xid: int
-    flags: int
-    commit_lsn: Lsn
-    end_lsn: Lsn
-    commit_time_us: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamAbort:
-    """Discard streamed transaction `xid` (when `subxid == xid`) or only the changes of
-    its subtransaction `subxid`."""
-
-    xid: int
-    subxid: int
-
-
-PgOutputMessage: TypeAlias = (
-    Begin
-    | Commit
-    | Origin
-    | Relation
-    | Type
-    | Insert
-    | Update
-    | Delete
-    | Truncate
-    | LogicalMessage
-    | StreamStart
-    | StreamStop
-    | StreamCommit
-    | StreamAbort
+from stream.messages import (
+    UNCHANGED,
+    Begin,
+    Column,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Origin,
+    PgOutputMessage,
+    Relation,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
+    Truncate,
+    TupleData,
+    Type,
+    Unchanged,
+    Update,
 )
+
+__all__ = [
+    "UNCHANGED",
+    "Begin",
+    "Column",
+    "Commit",
+    "Delete",
+    "Insert",
+    "LogicalMessage",
+    "Origin",
+    "PgOutputDecoder",
+    "PgOutputMessage",
+    "Relation",
+    "StreamAbort",
+    "StreamCommit",
+    "StreamStart",
+    "StreamStop",
+    "Truncate",
+    "TupleData",
+    "Type",
+    "Unchanged",
+    "Update",
+]
 
 
 class _Malformed(Exception):
@@ -238,7 +86,7 @@ class _Malformed(Exception):
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
 _OID_KIND: Final = struct.Struct("!IB")
-_INSERT_HEAD: Final = struct.Struct("!IBH")  # relation OID, 'N', column count
+_INSERT_HEAD: Final = struct.Struct("!BIBH")  # 'I', relation OID, 'N', column count
 _KIND_LENGTH: Final = struct.Struct("!BI")  # a column's kind byte and Int32 length
 _BEGIN: Final = struct.Struct("!QqI")
 _COMMIT: Final = struct.Struct("!BQQq")
@@ -523,19 +371,11 @@ class PgOutputDecoder:
 
     def decode(self, payload: bytes, lsn: Lsn) -> PgOutputMessage:
         """Decode one pgoutput message; `lsn` (the frame's WAL start) is for errors only."""
+        insert = self.plain_insert(payload, 0)
+        if insert is not None:
+            return _fast_insert(insert[0], insert[1])
         try:
-            tag = payload[0]
-            if tag == _INSERT and not self._in_stream:
-                # The hot path: an Insert outside a stream block, once a parser for its
-                # column count exists. It returns only on an exact decode; anything
-                # unusual falls through to the general path, which reports it.
-                oid, marker, count = _INSERT_HEAD.unpack_from(payload, 1)
-                parse = _COMPILED.get(count)
-                if parse is not None and marker == _NEW:
-                    new, end = parse(payload, 8)
-                    if end == len(payload):
-                        return _fast_insert(oid, new)
-            message, end = self._decode_other(tag, payload)
+            message, end = self._decode_other(payload[0], payload)
             if end != len(payload):
                 if end > len(payload):
                     raise _Malformed("message truncated (or a length field is out of range)")
@@ -548,6 +388,29 @@ class PgOutputDecoder:
         except ValueError as exc:  # whatever else the stdlib may raise on bad input
             raise DecodeError(f"malformed: {exc}", lsn=lsn, tag=_tag_text(payload)) from exc
         return message
+
+    def plain_insert(self, buf: bytes, pos: int) -> tuple[int, TupleData] | None:
+        """The relation OID and new tuple of the Insert message from `buf[pos]` to the end
+        of `buf`, read in place (no payload copy, no message object): the hot path.
+
+        Returns None unless the message is an Insert outside a stream block that decodes
+        exactly with a column parser already compiled for its width; `decode` must then
+        handle the message, and reject it if it is malformed. Never raises, changes no
+        state, so a caller can always fall back to `decode`.
+        """
+        if self._in_stream:
+            return None
+        try:
+            tag, oid, marker, count = _INSERT_HEAD.unpack_from(buf, pos)
+            parse = _COMPILED.get(count)
+            if parse is None or tag != _INSERT or marker != _NEW:
+                return None
+            new, end = parse(buf, pos + 8)
+        except (IndexError, struct.error, _Malformed):  # the general path reports it
+            return None
+        if end != len(buf):
+            return None
+        return oid, new
 
     def _decode_other(self, tag: int, buf: bytes) -> tuple[PgOutputMessage, int]:
         if tag in _STREAM_TAGS:

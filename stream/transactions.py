@@ -36,7 +36,7 @@ from typing import Final, TypeAlias
 
 from mission_runner.errors import DecodeError
 from stream.lsn import Lsn
-from stream.pgoutput import (
+from stream.messages import (
     Begin,
     Commit,
     Delete,
@@ -152,14 +152,8 @@ class TransactionAssembler:
         Returns the transaction at its commit, a non-transactional logical message at
         once, and None for everything else.
         """
-        open_txn = self._open
-        if type(msg) is Insert and open_txn is not None:  # the hot path, same rules
-            relation = self._relations.get(msg.relation_oid)
-            if relation is not None:
-                open_txn.inserts.append(_row_insert(relation, msg.new))
-                open_txn.rows += 1
-                self._buffered_rows += 1
-                return None
+        if type(msg) is Insert and self.add_insert(msg.relation_oid, msg.new):  # same rules
+            return None
         match msg:
             case Insert():
                 row = RowInsert(self._relation(msg.relation_oid, lsn, "I"), msg.new)
@@ -209,6 +203,23 @@ class TransactionAssembler:
             case StreamAbort():
                 self._stream_abort(msg, lsn)
         return None
+
+    def add_insert(self, relation_oid: int, new: TupleData) -> bool:
+        """The hot path of `feed(Insert(None, relation_oid, new), lsn)`: buffer the row in
+        the open plain transaction. Returns False, having done nothing, when `feed` must
+        take the message instead: no plain transaction is open (a change of a streamed
+        transaction, or a change outside any, which `feed` rejects), or the relation was
+        never described (which `feed` rejects)."""
+        open_txn = self._open
+        if open_txn is None:
+            return False
+        relation = self._relations.get(relation_oid)
+        if relation is None:
+            return False
+        open_txn.inserts.append(_row_insert(relation, new))
+        open_txn.rows += 1
+        self._buffered_rows += 1
+        return True
 
     def _relation(self, oid: int, lsn: Lsn, tag: str) -> Relation:
         relation = self._relations.get(oid)

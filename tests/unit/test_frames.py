@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 from mission_runner.errors import DecodeError, ProtocolUsageError
 from stream.frames import (
     PG_EPOCH_OFFSET_US,
+    XLOG_PAYLOAD_AT,
     PrimaryKeepalive,
     XLogData,
     encode_status_update,
     parse_frame,
+    xlog_wal_end,
 )
 from stream.lsn import Lsn
 from tests.data.capture_pgoutput import load_capture
@@ -155,3 +157,13 @@ def _parse_or_decode_error(buf: bytes) -> None:
     except DecodeError:
         return
     assert type(frame) in (XLogData, PrimaryKeepalive)
+
+
+def test_the_in_place_readers_agree_with_parse_frame() -> None:
+    for captured in ALL_FRAMES:
+        frame = parse_frame(captured.frame)
+        if type(frame) is XLogData:
+            assert xlog_wal_end(captured.frame) == frame.wal_end
+            assert captured.frame[XLOG_PAYLOAD_AT:] == frame.payload
+    head = b"w" + struct.pack("!QQq", 1, (1 << 64) - 1, 0)
+    assert xlog_wal_end(head) == (1 << 64) - 1

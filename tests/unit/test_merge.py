@@ -703,3 +703,21 @@ def test_apply_row_stamps_fields_exactly_like_parse_stamp(text: str) -> None:
     for name in "abc":
         assert state.keys[name][0] == (us(NOW) if expected is None else expected)
     assert state.keys["d"][0] == us("2026-04-15T05:00:00Z")
+
+
+@settings(max_examples=200)
+@given(st.lists(raw_rows(("m1",)), max_size=12))
+def test_persisted_forms_field_by_field(raws: list[tuple[object, ...]]) -> None:
+    """`to_record` and `keys_to_json` format each run of shared key tuples once: the result
+    is what formatting every field on its own gives."""
+    state = fold(build(raws))
+    expected_meta = {
+        name: format_stamp(created if stamp == UNSTAMPED else stamp)
+        for name, (stamp, created, _) in state.keys.items()
+    }
+    assert to_record(state) == {"id": "m1", **state.values, "__fieldMeta": expected_meta}
+    assert keys_to_json(state) == {
+        name: [None if stamp == UNSTAMPED else stamp, created, event]
+        for name, (stamp, created, event) in state.keys.items()
+    }
+    assert orjson.loads(orjson.dumps(keys_to_json(state))) == keys_to_json(state)

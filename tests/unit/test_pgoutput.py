@@ -397,3 +397,51 @@ def _decode_or_error(decoder: PgOutputDecoder, buf: bytes) -> None:
         assert exc.lsn == LSN
         return
     assert type(message) in PLAIN_TYPES | STREAM_TYPES
+
+
+# --- the in-place Insert path -------------------------------------------------------
+
+
+@pytest.mark.parametrize("proto", [1, 2])
+def test_plain_insert_reads_captured_inserts_in_place(proto: int) -> None:
+    """Exactly the Inserts decoded outside a stream block, read where they lie in a buffer
+    (as in a frame, after its 25-byte header), equal to what `decode` makes of them."""
+    decoder = PgOutputDecoder(proto)
+    seen = 0
+    for d in DECODED[proto]:
+        got = decoder.plain_insert(bytes(25) + d.frame.payload, 25)
+        if type(d.message) is Insert and not d.in_stream:
+            assert got == (d.message.relation_oid, d.message.new)
+            seen += 1
+        else:
+            assert got is None
+        if type(d.message) in STREAM_TYPES:  # follow the stream-block state
+            decoder.decode(d.frame.payload, LSN)
+    assert seen >= 10
+
+
+def test_plain_insert_declines_what_decode_must_handle() -> None:
+    values: list[bytes | Unchanged | None] = [b"1", None, b"abc"]
+    payload = _insert(values)
+    PgOutputDecoder(1).decode(payload, LSN)  # compiles the parser for 3 columns
+    decoder = PgOutputDecoder(2)
+    assert decoder.plain_insert(payload, 0) == (16385, tuple(values))
+    assert decoder.plain_insert(b"xx" + payload, 2) == (16385, tuple(values))
+    assert decoder.plain_insert(payload[:-1], 0) is None  # truncated
+    assert decoder.plain_insert(payload + b"\x00", 0) is None  # trailing bytes
+    assert decoder.plain_insert(payload.replace(b"N", b"X", 1), 0) is None
+    assert decoder.plain_insert(b"U" + payload[1:], 0) is None
+    assert decoder.plain_insert(_insert([b"1"] * 1663), 0) is None  # no parser yet
+    assert decoder.plain_insert(b"", 0) is None
+    decoder.decode(START, LSN)
+    assert decoder.plain_insert(payload, 0) is None  # in a stream block: xid first
+    assert decoder.in_stream_block
+
+
+@given(st.binary(max_size=80))
+def test_plain_insert_never_raises(buf: bytes) -> None:
+    decoder = PgOutputDecoder(2)
+    for prefix in (b"", b"I", b"I" + struct.pack("!IcH", 7, b"N", 3)):
+        got = decoder.plain_insert(prefix + buf, 0)
+        if got is not None:
+            assert decoder.decode(prefix + buf, LSN) == Insert(None, got[0], got[1])

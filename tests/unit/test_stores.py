@@ -18,6 +18,7 @@ from projections.merge import (
 )
 from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow, JsonValue
 from projections.stores import Kind, SnapshotStore
+from stream.lsn import Lsn
 
 T0 = 1_776_211_200_000_000  # 2026-04-15T00:00:00Z
 HOUR = 3_600_000_000
@@ -304,3 +305,15 @@ def test_merge_in_equals_apply_all(batch: list[ChangeRow], data: st.DataObject) 
         (s.user_id, s.record_id): s for s in expected
     }
     assert left.live_count() == expected.live_count() == recount(left)
+
+
+def test_apply_sets_bookkeeping_only_on_change() -> None:
+    store = SnapshotStore("mission")
+    r = row("insert", {"title": "x"})
+    assert store.apply(r, Lsn(10), 5).changed
+    state = store.get("u1", "m1")
+    assert state is not None and (state.last_lsn, state.last_applied_us) == (Lsn(10), 5)
+    assert not store.apply(r, Lsn(20), 6).changed  # a replay: still the first transaction's
+    assert (state.last_lsn, state.last_applied_us) == (Lsn(10), 5)
+    store.apply(row("update", {"title": "y"}, stamp="2026-04-15T01:00:00Z"))
+    assert (state.last_lsn, state.last_applied_us) == (Lsn(10), 5)  # no LSN given

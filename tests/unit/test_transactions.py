@@ -316,3 +316,32 @@ def test_streamed_transactions_against_a_model(
         assert rows_pending >= 0
     assert got == expected
     assert not assembler.in_transaction and assembler.buffered_rows == 0
+
+
+# --- the hot path -------------------------------------------------------------------
+
+
+def test_add_insert_buffers_like_feed() -> None:
+    fed, added = TransactionAssembler(), TransactionAssembler()
+    for assembler in (fed, added):
+        assembler.feed(REL, LSN)
+        assembler.feed(BEGIN, LSN)
+    fed.feed(row(1), LSN)
+    assert added.add_insert(1, (b"1",))
+    assert added.buffered_rows == fed.buffered_rows == 1
+    assert added.feed(COMMIT, LSN) == fed.feed(COMMIT, LSN)
+
+
+def test_add_insert_declines_what_feed_must_reject() -> None:
+    assembler = TransactionAssembler()
+    assembler.feed(REL, LSN)
+    assert not assembler.add_insert(1, (b"1",))  # no transaction open
+    assert not assembler.in_transaction and assembler.buffered_rows == 0
+    assembler.feed(BEGIN, LSN)
+    assert not assembler.add_insert(2, (b"1",))  # relation never described
+    assert assembler.buffered_rows == 0
+    (txn,) = [out for out in [assembler.feed(COMMIT, LSN)] if out is not None]
+    assert isinstance(txn, CommittedTransaction) and txn.inserts == []
+    assembler.feed(StreamStart(7, True), LSN)
+    assert not assembler.add_insert(1, (b"1",))  # a stream block is not a plain transaction
+    assert assembler.buffered_rows == 0

@@ -1,0 +1,93 @@
+"""Replication frames in, committed transactions out: the consumer's sans-IO data path.
+
+`FrameReader` chains the frame codec (`stream.frames`), the pgoutput decoder and the
+transaction assembler of one START_REPLICATION stream. `feed` takes each CopyData payload
+in order and returns what the consumer has to act on: a committed transaction, a
+non-transactional logical message, a keepalive, or nothing yet. Strictness is theirs: a
+frame or message that does not decode exactly raises `DecodeError` with its LSN and tag.
+
+An Insert inside a plain transaction is nearly every frame of a busy stream, so its path is
+fused: the message is read in place from the frame and its tuple goes straight to the
+assembler, with no XLogData, payload copy or Insert object on the way. Invariant: that path
+is taken only when the decoder and the assembler each confirm the message is ordinary
+(`PgOutputDecoder.plain_insert`, `TransactionAssembler.add_insert`, both free of side
+effects when they decline); everything else, malformed input included, goes through the
+general path, which reads the same bytes again and raises. Both paths therefore give the
+same results and the same errors, which the unit tests check on captured streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final, TypeAlias
+
+from stream.frames import (
+    XLOG_PAYLOAD_AT,
+    PrimaryKeepalive,
+    XLogData,
+    parse_frame,
+    xlog_wal_end,
+)
+from stream.lsn import Lsn
+from stream.messages import LogicalMessage, Relation
+from stream.pgoutput import PgOutputDecoder
+from stream.transactions import CommittedTransaction, TransactionAssembler
+
+_TAG_XLOG: Final = 0x77  # 'w'
+_TAG_INSERT: Final = 0x49  # 'I', the first byte of the pgoutput message
+_MIN_INSERT_FRAME: Final = XLOG_PAYLOAD_AT + 8  # frame header, Insert header
+
+ReaderOutput: TypeAlias = CommittedTransaction | LogicalMessage | PrimaryKeepalive | None
+
+
+class FrameReader:
+    """Decodes the frames of one replication connection, in order (one per stream)."""
+
+    __slots__ = ("_assembler", "_decoder", "_received")
+
+    def __init__(self, proto_version: int) -> None:
+        self._decoder = PgOutputDecoder(proto_version)
+        self._assembler = TransactionAssembler()
+        self._received = 0  # the highest WAL end of any frame so far
+
+    @property
+    def received_lsn(self) -> Lsn:
+        """The highest WAL end any frame (data or keepalive) has reported; 0 before any."""
+        return Lsn(self._received)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Something received still waits for its transaction's outcome (see
+        `TransactionAssembler.in_transaction`)."""
+        return self._assembler.in_transaction
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._assembler.buffered_rows
+
+    @property
+    def relations(self) -> Mapping[int, Relation]:
+        return self._assembler.relations
+
+    def feed(self, buf: bytes) -> ReaderOutput:
+        """Take the next CopyData payload; returns a transaction at its commit, a
+        non-transactional message or a keepalive at once, and None for everything else."""
+        if (
+            len(buf) > _MIN_INSERT_FRAME
+            and buf[0] == _TAG_XLOG
+            and buf[XLOG_PAYLOAD_AT] == _TAG_INSERT
+        ):
+            insert = self._decoder.plain_insert(buf, XLOG_PAYLOAD_AT)
+            if insert is not None and self._assembler.add_insert(insert[0], insert[1]):
+                end = xlog_wal_end(buf)
+                if end > self._received:
+                    self._received = end
+                return None
+        frame = parse_frame(buf)
+        if frame.wal_end > self._received:
+            self._received = frame.wal_end
+        if type(frame) is XLogData:
+            message = self._decoder.decode(frame.payload, frame.wal_start)
+            return self._assembler.feed(message, frame.wal_start)
+        assert type(frame) is PrimaryKeepalive
+        return frame
