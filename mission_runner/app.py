@@ -11,8 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import aiohttp
 import psycopg
 from psycopg import conninfo as pg_conninfo
 from psycopg import sql
@@ -21,15 +21,17 @@ from psycopg_pool import AsyncConnectionPool
 from mission_runner.clock import Clock, SystemClock
 from mission_runner.embedded import EmbeddedPostgres
 from mission_runner.errors import ConfigurationError
-from mission_runner.http import StatusApp
 from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
 from mission_runner.missions import MissionRuntime
 from mission_runner.monitor import LagMonitor
 from mission_runner.settings import Settings
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from mission_runner.http import StatusApp
 from planner.catalog import load_catalog
-from planner.llm import ChatClient
-from planner.loop import LlmPlanner
 from planner.offline import OfflinePlanner
 from planner.service import CatalogPlanner, MissionPlanner
 
@@ -82,8 +84,8 @@ class App:
     ingestor: Ingestor
     runtime: MissionRuntime
     monitor: LagMonitor
-    status: StatusApp
     embedded: EmbeddedPostgres | None = None
+    status: StatusApp | None = None  # the HTTP surface, built by `serve`
 
 
 def make_planner(
@@ -94,6 +96,9 @@ def make_planner(
     if settings.planner_url is None:
         return CatalogPlanner(planner=OfflinePlanner(clock=clock), catalog=catalog, name="offline")
     assert session is not None
+    from planner.llm import ChatClient  # aiohttp: only for the service, not for catch-up
+    from planner.loop import LlmPlanner
+
     client = ChatClient(
         session=session,
         base_url=settings.planner_url,
@@ -163,6 +168,8 @@ async def open_app(
     metrics = metrics or Metrics()
     session = None
     if planner is None and settings.planner_url is not None:
+        import aiohttp
+
         session = aiohttp.ClientSession()
     try:
         mission_planner = planner or make_planner(settings, clock=clock, session=session)
@@ -183,17 +190,7 @@ async def open_app(
             monitor = LagMonitor(
                 ingestor=ingestor, pool=pool, clock=clock, metrics=metrics, slot=settings.slot
             )
-            status = StatusApp(
-                settings=settings,
-                ingestor=ingestor,
-                runtime=runtime,
-                monitor=monitor,
-                metrics=metrics,
-                clock=clock,
-            )
-            yield App(
-                settings, dsn, pool, clock, metrics, ingestor, runtime, monitor, status, embedded
-            )
+            yield App(settings, dsn, pool, clock, metrics, ingestor, runtime, monitor, embedded)
         finally:
             await pool.close()
     finally:

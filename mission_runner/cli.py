@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from mission_runner import doctor as doctor_mod
-from mission_runner import failpoints, http
+from mission_runner import failpoints
 from mission_runner.app import App, open_app, redact, resolve_database
 from mission_runner.clock import SystemClock
 from mission_runner.demo import DemoUsers
@@ -26,6 +26,7 @@ from mission_runner.devschema import create_dev_schema
 from mission_runner.errors import ConfigurationError, MissionRunnerError, SetupError
 from mission_runner.logs import setup_logging
 from mission_runner.migrations import migrate
+from mission_runner.runtime import tune_gc
 from mission_runner.settings import Settings
 from mission_runner.status import collect_status, format_status
 from mission_runner.tracing import setup_tracing
@@ -46,9 +47,20 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def serve(app: App, stop: asyncio.Event) -> None:
     """The whole service: HTTP, lag monitor, ingest and the mission runtime, until `stop`."""
+    from mission_runner import http
+
+    app.status = http.StatusApp(
+        settings=app.settings,
+        ingestor=app.ingestor,
+        runtime=app.runtime,
+        monitor=app.monitor,
+        metrics=app.metrics,
+        clock=app.clock,
+    )
     runner = await http.serve(app.status, app.settings.http_host, app.settings.http_port)
     try:
         await app.ingestor.boot()
+        tune_gc()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(app.monitor.run(stop), name="lag monitor")
             tg.create_task(app.runtime.run(stop), name="mission runtime")
@@ -75,6 +87,7 @@ async def cmd_catch_up(settings: Settings, args: argparse.Namespace) -> int:
     _stop_on_signals(stop)
     async with open_app(settings) as app:
         await app.ingestor.boot()
+        tune_gc()
         await app.ingestor.run(stop, catch_up=True)
         ing = app.ingestor
         print(
@@ -120,6 +133,7 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         log.warning("rebuild: discarding snapshots and checkpoint of slot %s", settings.slot)
         await app.ingestor.discard_state()
         await app.ingestor.boot()
+        tune_gc()
         await app.ingestor.run(stop, catch_up=True)
         print(
             f"rebuilt: checkpoint {app.ingestor.persisted_lsn}, "
@@ -183,6 +197,7 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             )
         log.warning("replay: checkpoint of slot %s set to %s", settings.slot, target)
         await app.ingestor.boot()
+        tune_gc()
         await app.ingestor.run(stop, catch_up=True)
         print(
             f"replayed from {target}: checkpoint now {app.ingestor.persisted_lsn}, "

@@ -71,6 +71,8 @@ class Phase(StrEnum):
 class Ingestor:
     """Owns the snapshot stores and keeps them equal to the log, durably."""
 
+    PERSIST_DUTY = 8
+
     def __init__(
         self,
         *,
@@ -98,6 +100,8 @@ class Ingestor:
         self._pending_rows = 0
         self._first_pending: float | None = None
         self._checkpoint_due: float | None = None
+        self._last_persist_end = 0.0
+        self._last_persist_cost = 0.0
         # Snapshot-changing transactions applied / persisted, counted (see is_idle).
         self._data_seq = 0
         self._persisted_seq = 0
@@ -292,12 +296,21 @@ class Ingestor:
 
     def _persist_deadline(self) -> float | None:
         """When the persister should next write: soon after snapshot changes (group commit),
-        lazily for a checkpoint that only moved over empty transactions."""
+        lazily for a checkpoint that only moved over empty transactions.
+
+        Persisting never takes more than about 1/PERSIST_DUTY of the time: the next write is
+        due no sooner than PERSIST_DUTY times the cost of the last one after it ended. Idle
+        or lightly loaded, writes take milliseconds and the delay stays `batch_max_delay`;
+        catching up, batches grow instead of the same records being written again and again.
+        """
+        floor = self._last_persist_end + self.PERSIST_DUTY * self._last_persist_cost
         if self._first_pending is not None:
             if self._batch_full():
-                return 0.0
-            return self._first_pending + self.settings.batch_max_delay
-        return self._checkpoint_due
+                return floor
+            return max(self._first_pending + self.settings.batch_max_delay, floor)
+        if self._checkpoint_due is None:
+            return None
+        return max(self._checkpoint_due, floor)
 
     def _capture(self) -> tuple[PersistBatch, int] | None:
         """Take everything applied so far, serialised now. Synchronous, so atomic with
@@ -326,6 +339,7 @@ class Ingestor:
     async def persist_now(self) -> None:
         """Persist what is applied, then confirm it to the slot."""
         async with self._persist_lock:
+            started = self.clock.monotonic()
             captured = self._capture()
             if captured is None:
                 return
@@ -344,7 +358,6 @@ class Ingestor:
                 }
             )
             self._batch_first_lsn, self._batch_tx, self._batch_rows = None, 0, 0
-            started = self.clock.monotonic()
             attempt = 0
             while True:
                 try:
@@ -368,6 +381,8 @@ class Ingestor:
                     log.error("persisting snapshots failed (attempt %d): %s", attempt, exc)
                     await asyncio.sleep(self._backoff(attempt))
             span.end()
+            self._last_persist_end = self.clock.monotonic()
+            self._last_persist_cost = self._last_persist_end - started
             failpoints.hit("after-persist")
             self.persisted = batch.checkpoint
             self._persisted_seq = max(self._persisted_seq, seq)

@@ -1,9 +1,9 @@
 """The mission runtime: due missions from the snapshots, through the gates, to the planner,
 and their iterations back into `sync_changes`, exactly once per occurrence.
 
-Wiring: the ingestor calls `_on_applied` after every applied transaction (synchronously, in
-the stream's task), which keeps the due index current; the scheduler hands out due
-occurrences; each one that passes the gates becomes a dispatch task.
+Wiring: from `load` on, the ingestor calls `_on_applied` after every applied transaction
+(synchronously, in the stream's task), which keeps the due index current; the scheduler hands
+out due occurrences; each one that passes the gates becomes a dispatch task.
 
 Invariants:
 - Nothing here queries `sync_changes` to find due missions: the index is fed by the stream.
@@ -112,13 +112,11 @@ class MissionRuntime:
         self.recent: deque[DispatchRecord] = deque(maxlen=50)
         self._done: dict[MissionKey, int] = {}
         self._agents: dict[AgentKey, _Agent] = {}
-        self._mission_agent: dict[MissionKey, AgentKey] = {}
         self._in_flight: dict[MissionKey, Occurrence] = {}
         # The ingest batch that last (re)scheduled each mission: the dispatch span links to it.
         self._scheduled_by: dict[MissionKey, trace.SpanContext] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
-        ingestor.add_listener(self._on_applied)
 
     # -- state ------------------------------------------------------------------------
 
@@ -139,8 +137,12 @@ class MissionRuntime:
             await usage.prune(conn)
             for u in await usage.load_window(conn):
                 self.budget.add((u.user_id, u.agent_id), u.tokens, u.ts_us)
+        # From here on every applied transaction keeps the index current (not before: a
+        # process that never runs the runtime, like catch-up, pays nothing for it).
+        self.ingestor.add_listener(self._on_applied)
         for state in self.ingestor.missions:
             self._reindex((state.user_id, state.record_id))
+        self.metrics.due_queue.set(len(self.scheduler.index))
         log.info(
             "mission runtime loaded: %d missions scheduled, %d finished occurrences",
             len(self.scheduler.index),
@@ -159,33 +161,27 @@ class MissionRuntime:
             return None
         return occurrence_of(key[0], key[1], state.values)
 
-    def _reindex(self, key: MissionKey) -> None:
-        state = self.ingestor.missions.get(*key)
-        agent_id = state.values.get("agentId") if state is not None else None
-        if isinstance(agent_id, str) and agent_id:
-            self._mission_agent[key] = (key[0], agent_id)
-        else:
-            self._mission_agent.pop(key, None)
+    def _reindex(self, key: MissionKey, batch: trace.SpanContext | None = None) -> None:
         occ = self._current_occurrence(key)
         if occ is None or self._done.get(key) == occ.at_us or key in self._in_flight:
             self.scheduler.discard(key)
             self._scheduled_by.pop(key, None)
         else:
             self.scheduler.set(occ)
-            batch = self.ingestor.current_batch()
             if batch is not None:
                 self._scheduled_by[key] = batch
-        self.metrics.due_queue.set(len(self.scheduler.index))
 
     def _on_applied(self, outcome: Outcome) -> None:
+        batch = self.ingestor.current_batch()
         for key in outcome.changed_missions:
-            self._reindex(key)
+            self._reindex(key, batch)
         for agent_key in outcome.changed_agents:
             agent = self._agents.get(agent_key)
             if agent is not None and agent.parked:
                 parked, agent.parked = agent.parked, set()
                 for key in parked:
-                    self._reindex(key)
+                    self._reindex(key, batch)
+        self.metrics.due_queue.set(len(self.scheduler.index))
 
     # -- decisions --------------------------------------------------------------------
 
@@ -259,6 +255,7 @@ class MissionRuntime:
         slot = self._agent(agent_key)
         slot.in_flight = max(0, slot.in_flight - 1)
         self._reindex(occ.key)
+        self.metrics.due_queue.set(len(self.scheduler.index))
         # One slot freed: deferred missions of this agent go through the gates again, oldest
         # first, until one of them takes the slot (or has to wait again).
         while slot.deferred:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 from planner.catalog import Decision
-from planner.llm import (
-    ChatClient,
+from planner.chat import (
     ChatCompletion,
     Message,
     ToolCall,
@@ -35,6 +34,9 @@ from planner.llm import (
 from planner.policy import OfferedTool
 from planner.prompt import MissionBrief
 from projections.rows import JsonValue
+
+if TYPE_CHECKING:
+    from planner.llm import ChatClient  # the aiohttp shell; not imported to plan offline
 
 MAX_ROUNDS = 5
 ACCEPTED = json.dumps({"success": True, "message": "recorded - pending client application"})

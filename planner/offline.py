@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 from mission_runner.clock import Clock
 from planner.catalog import ToolSpec
-from planner.llm import Usage
+from planner.chat import Usage
 from planner.loop import CallRecord, PlannedStep, PlanRequest, PlanResult
 from planner.policy import OfferedTool
 from planner.prompt import MissionBrief

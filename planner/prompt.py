@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from planner.llm import Message, SystemMessage, UserMessage
+from planner.chat import Message, SystemMessage, UserMessage
 from projections.rows import JsonValue
 
 CIPHERTEXT_PREFIX = "enc:"
