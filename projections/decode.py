@@ -24,19 +24,10 @@ from typing import Final
 import orjson
 
 from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow, JsonValue
+from stream.slots import PUBLISHED_COLUMNS
 
 # The columns we read, in this order, from a row of sync_changes.
-COLUMNS: Final = (
-    "id",
-    "app_id",
-    "table_name",
-    "record_id",
-    "user_id",
-    "op",
-    "data",
-    "field_meta",
-    "created_at",
-)
+COLUMNS: Final = PUBLISHED_COLUMNS  # the publication sends exactly these (PostgreSQL 15+)
 
 _APP = APP_ID.encode()
 _TABLES: Final = {MISSIONS_TABLE.encode(): MISSIONS_TABLE, AGENTS_TABLE.encode(): AGENTS_TABLE}

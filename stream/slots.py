@@ -19,6 +19,19 @@ from stream.lsn import Lsn
 SOURCE_SCHEMA = "public"
 SOURCE_TABLE = "sync_changes"
 ROW_FILTER = "(app_id = 'ai'::text)"
+# The columns the consumer reads. On PostgreSQL 15+ the publication sends only these
+# (a column list), so the other columns of every row are neither sent nor decoded.
+PUBLISHED_COLUMNS = (
+    "id",
+    "app_id",
+    "table_name",
+    "record_id",
+    "user_id",
+    "op",
+    "data",
+    "field_meta",
+    "created_at",
+)
 ROW_FILTER_MIN_VERSION = 150000
 
 
@@ -148,8 +161,11 @@ def publication_ddl(name: str, version: int) -> sql.Composed:
     table = sql.Identifier(SOURCE_SCHEMA, SOURCE_TABLE)
     if version >= ROW_FILTER_MIN_VERSION:
         return sql.SQL(
-            "CREATE PUBLICATION {} FOR TABLE {} WHERE (app_id = 'ai') WITH (publish = 'insert')"
-        ).format(sql.Identifier(name), table)
+            "CREATE PUBLICATION {} FOR TABLE {} ({}) WHERE (app_id = 'ai')"
+            " WITH (publish = 'insert')"
+        ).format(
+            sql.Identifier(name), table, sql.SQL(", ").join(map(sql.Identifier, PUBLISHED_COLUMNS))
+        )
     return sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
         sql.Identifier(name), table
     )
@@ -164,6 +180,7 @@ class PublicationInfo:
     truncates: bool
     has_table: bool
     row_filter: str | None
+    columns: tuple[str, ...] | None = None  # the column list; None: every column
 
     @property
     def server_filtered(self) -> bool:
@@ -181,10 +198,20 @@ async def source_table_exists(conn: AsyncConnection[tuple[object, ...]]) -> bool
 async def get_publication(
     conn: AsyncConnection[tuple[object, ...]], name: str
 ) -> PublicationInfo | None:
-    qual = "pg_get_expr(pr.prqual, pr.prrelid)" if conn.info.server_version >= 150000 else "NULL"
+    qual, cols = "NULL", "NULL"
+    if conn.info.server_version >= 150000:
+        qual = "pg_get_expr(pr.prqual, pr.prrelid)"
+        cols = (
+            "(SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a"
+            " WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs))"
+        )
     cur = await conn.execute(
         "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate,"
-        " (p.puballtables OR pr.prrelid IS NOT NULL), " + qual + " FROM pg_publication p"
+        " (p.puballtables OR pr.prrelid IS NOT NULL), "
+        + qual
+        + ", "
+        + cols
+        + " FROM pg_publication p"
         " LEFT JOIN pg_publication_rel pr ON pr.prpubid = p.oid"
         "  AND pr.prrelid = to_regclass(%s)"
         " WHERE p.pubname = %s",
@@ -201,6 +228,7 @@ async def get_publication(
         truncates=bool(row[3]),
         has_table=bool(row[4]),
         row_filter=None if row[5] is None else str(row[5]),
+        columns=None if row[6] is None else tuple(str(c) for c in row[6]),  # type: ignore[attr-defined]
     )
 
 
@@ -237,6 +265,10 @@ async def ensure_publication(
         )
     if not info.inserts:
         raise SetupError(f"publication {name!r} does not publish inserts", hint=fix)
+    if info.columns is not None and (missing := set(PUBLISHED_COLUMNS) - set(info.columns)):
+        raise SetupError(
+            f"publication {name!r} does not send the columns {sorted(missing)}", hint=fix
+        )
     if info.row_filter is not None and (info.updates or info.deletes):
         raise SetupError(
             f"publication {name!r} has a row filter and publishes updates or deletes: "

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from mission_runner.metrics import Metrics
+from stream.slots import PUBLISHED_COLUMNS
 from tests.fix_pg import TestDatabase
 from tests.integration.conftest import (
     Change,
@@ -98,6 +99,16 @@ async def test_other_apps_are_filtered_on_the_server(db: TestDatabase) -> None:
         assert repl is not None
     # The 50 notes rows never crossed the wire: only the mission row was received.
     assert sample(metrics, "mana_ai_stream_rows_total", table="aiMissions") == 1
+    # And only the columns we read are sent (a column list), inserts only, filtered.
+    with db.connect() as conn:
+        row = conn.execute(
+            "SELECT t.attnames, t.rowfilter, p.pubinsert, p.pubupdate, p.pubdelete"
+            " FROM pg_publication_tables t JOIN pg_publication p ON p.pubname = t.pubname"
+            " WHERE t.pubname = 'mission_runner'"
+        ).fetchone()
+    assert row is not None
+    assert row[0] == list(PUBLISHED_COLUMNS)
+    assert "app_id" in row[1] and row[2:] == (True, False, False)
 
 
 async def test_restart_resumes_without_loss_or_double_apply(db: TestDatabase) -> None:
