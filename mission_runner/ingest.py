@@ -133,14 +133,17 @@ class Ingestor:
         return self._repl
 
     async def boot(self) -> None:
-        """Migrate, then load the persisted snapshots and checkpoint (no replay of history)."""
+        """Migrate, then load the persisted snapshots and checkpoint (no replay of history).
+
+        Listeners attach after boot and index what is loaded themselves (the runtime's
+        `load`), so boot notifies nobody."""
         async with self.pool.connection() as conn:
             await migrate(conn)
             self.persisted = await persistence.read_checkpoint(conn, self.settings.slot)
-            missions = await persistence.load_snapshots(conn, "mission")
-            agents = await persistence.load_snapshots(conn, "agent")
-        self.missions.restore(missions)
-        self.agents.restore(agents)
+            async for chunk in persistence.load_snapshots(conn, "mission"):
+                self.missions.restore(chunk)
+            async for chunk in persistence.load_snapshots(conn, "agent"):
+                self.agents.restore(chunk)
         if self.persisted is not None:
             self.projector.applied_lsn = self.persisted.lsn
             self.projector.applied_commit_time_us = self.persisted.commit_time_us
@@ -150,12 +153,6 @@ class Ingestor:
             len(self.missions),
             len(self.agents),
             self.persisted.lsn if self.persisted else "none",
-        )
-        self._notify(
-            Outcome(
-                changed_missions=[(s.user_id, s.record_id) for s in missions],
-                changed_agents=[(s.user_id, s.record_id) for s in agents],
-            )
         )
 
     async def preflight(self) -> None:

@@ -21,6 +21,7 @@ later: at most a few megabytes of them wait for the next collection.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from typing import Final
 
@@ -43,3 +44,16 @@ def tune_gc() -> None:
     gc.collect()  # boot garbage, so that freezing keeps only what is alive
     gc.freeze()
     gc.set_threshold(YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
+    release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the operating system (glibc `malloc_trim`).
+
+    Loading the snapshots allocates and frees a lot (query results, decoded JSON); glibc
+    keeps freed memory in the process unless asked. A no-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -7,7 +7,7 @@ database transaction. Only after it commits may that LSN be confirmed to the slo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -272,26 +272,39 @@ async def read_checkpoint(
     )
 
 
-async def load_snapshots(conn: AsyncConnection[tuple[object, ...]], kind: str) -> list[RecordState]:
-    """Every persisted snapshot of one kind, as merge states."""
+async def load_snapshots(
+    conn: AsyncConnection[tuple[object, ...]], kind: str, *, chunk: int = 2000
+) -> AsyncIterator[list[RecordState]]:
+    """Every persisted snapshot of one kind, as merge states, `chunk` at a time.
+
+    A server-side cursor keeps the client's peak memory at one chunk: a whole result set
+    of large records would be held at once and leave the heap fragmented after it is freed.
+    """
     table, id_col = _TABLES[kind]
-    states: list[RecordState] = []
-    async with conn.cursor(binary=False) as cur:
-        await cur.execute(
-            sql.SQL(
-                "SELECT user_id, {id}, record::text, merge_keys::text, deleted,"
-                " lsn::text, (extract(epoch from last_applied_at) * 1000000)::bigint"
-                " FROM mana_ai.{table}"
-            ).format(id=sql.Identifier(id_col), table=sql.Identifier(table))
-        )
-        async for row in cur:
-            record = orjson.loads(str(row[2]))
-            keys = orjson.loads(str(row[3]))
-            state = state_from_persisted(str(row[0]), str(row[1]), record, keys, bool(row[4]))
-            state.last_lsn = Lsn.parse(str(row[5]))
-            state.last_applied_us = int(str(row[6]))
-            states.append(state)
-    return states
+    async with conn.transaction():
+        async with conn.cursor(name=f"mission_runner_boot_{kind}", binary=False) as cur:
+            cur.itersize = chunk
+            await cur.execute(
+                sql.SQL(
+                    "SELECT user_id, {id}, record::text, merge_keys::text, deleted,"
+                    " lsn::text, (extract(epoch from last_applied_at) * 1000000)::bigint"
+                    " FROM mana_ai.{table}"
+                ).format(id=sql.Identifier(id_col), table=sql.Identifier(table))
+            )
+            while rows := await cur.fetchmany(chunk):
+                states = []
+                for row in rows:
+                    state = state_from_persisted(
+                        str(row[0]),
+                        str(row[1]),
+                        orjson.loads(str(row[2])),
+                        orjson.loads(str(row[3])),
+                        bool(row[4]),
+                    )
+                    state.last_lsn = Lsn.parse(str(row[5]))
+                    state.last_applied_us = int(str(row[6]))
+                    states.append(state)
+                yield states
 
 
 async def reset(conn: AsyncConnection[tuple[object, ...]], slot: str) -> None:
