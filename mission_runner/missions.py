@@ -159,7 +159,7 @@ class MissionRuntime:
         state = self.ingestor.missions.get(*key)
         if state is None or not state.exists or state.deleted:
             return None
-        return occurrence_of(key[0], key[1], state.values)
+        return occurrence_of(key, state.values)
 
     def _reindex(self, key: MissionKey, batch: trace.SpanContext | None = None) -> None:
         occ = self._current_occurrence(key)

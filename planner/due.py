@@ -19,15 +19,19 @@ MissionKey = tuple[str, str]  # (user_id, mission_id)
 
 @dataclass(frozen=True, slots=True, order=True)
 class Occurrence:
-    """One scheduled run of a mission: the instant of its `nextRunAt`."""
+    """One scheduled run of a mission: the instant of its `nextRunAt`. `key` is the
+    mission's `(user_id, mission_id)`, one tuple shared by every structure that indexes it."""
 
     at_us: int
-    user_id: str
-    mission_id: str
+    key: MissionKey
 
     @property
-    def key(self) -> MissionKey:
-        return (self.user_id, self.mission_id)
+    def user_id(self) -> str:
+        return self.key[0]
+
+    @property
+    def mission_id(self) -> str:
+        return self.key[1]
 
     @property
     def at_iso(self) -> str:
@@ -38,9 +42,7 @@ def _deleted(value: JsonValue) -> bool:
     return value is not None and value is not False and value != ""
 
 
-def occurrence_of(
-    user_id: str, mission_id: str, values: Mapping[str, JsonValue]
-) -> Occurrence | None:
+def occurrence_of(key: MissionKey, values: Mapping[str, JsonValue]) -> Occurrence | None:
     """The occurrence this mission is scheduled for, due or not; None when it is not
     schedulable (not active, no or unparseable nextRunAt, soft-deleted)."""
     if values.get("state") != "active":
@@ -53,7 +55,7 @@ def occurrence_of(
     at = parse_stamp(next_run)
     if at is None:
         return None
-    return Occurrence(at, user_id, mission_id)
+    return Occurrence(at, key)
 
 
 def is_due(occurrence: Occurrence, now_us: int) -> bool:

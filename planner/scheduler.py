@@ -23,10 +23,14 @@ from planner.due import MissionKey, Occurrence
 
 
 class DueIndex:
-    """Occurrences by the time they become due. Pure: time is passed in."""
+    """Occurrences by the time they become due. Pure: time is passed in.
+
+    Each live mission has one heap entry `(when, seq, occurrence)`; `_live` maps the mission
+    to that same tuple, so an entry is current exactly when `_live` holds it (identity).
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, MissionKey]] = []
+        self._heap: list[tuple[int, int, Occurrence]] = []
         self._live: dict[MissionKey, tuple[int, int, Occurrence]] = {}
         self._seq = itertools.count()
 
@@ -37,9 +41,9 @@ class DueIndex:
         if current is not None and current[0] == when and current[2] == occurrence:
             return False
         earliest = self.next_at()
-        seq = next(self._seq)
-        self._live[occurrence.key] = (when, seq, occurrence)
-        heapq.heappush(self._heap, (when, seq, occurrence.key))
+        entry = (when, next(self._seq), occurrence)
+        self._live[occurrence.key] = entry
+        heapq.heappush(self._heap, entry)
         if len(self._heap) > 2 * len(self._live) + 64:
             self._compact()
         return earliest is None or when < earliest
@@ -52,15 +56,15 @@ class DueIndex:
         return None if entry is None else entry[2]
 
     def _compact(self) -> None:
-        self._heap = [(when, seq, key) for key, (when, seq, _o) in self._live.items()]
+        self._heap = list(self._live.values())
         heapq.heapify(self._heap)
 
     def _clean_top(self) -> None:
         heap = self._heap
+        live = self._live
         while heap:
-            _when, seq, key = heap[0]
-            live = self._live.get(key)
-            if live is not None and live[1] == seq:
+            entry = heap[0]
+            if live.get(entry[2].key) is entry:
                 return
             heapq.heappop(heap)
 
@@ -74,8 +78,9 @@ class DueIndex:
             self._clean_top()
             if not self._heap or self._heap[0][0] > now_us:
                 return due
-            _when, _seq, key = heapq.heappop(self._heap)
-            due.append(self._live.pop(key)[2])
+            _when, _seq, occurrence = heapq.heappop(self._heap)
+            del self._live[occurrence.key]
+            due.append(occurrence)
 
     def due_count(self, now_us: int) -> int:
         return sum(1 for entry in self._live.values() if entry[0] <= now_us)

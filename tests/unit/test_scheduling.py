@@ -20,25 +20,27 @@ assert NOW is not None
 
 
 def test_due_rule_cases_from_the_predecessor() -> None:
-    due = occurrence_of("u", "m", {"state": "active", "nextRunAt": "2026-04-15T00:00:00Z"})
+    due = occurrence_of(("u", "m"), {"state": "active", "nextRunAt": "2026-04-15T00:00:00Z"})
     assert due is not None and is_due(due, NOW)
-    later = occurrence_of("u", "m", {"state": "active", "nextRunAt": "2099-01-01T00:00:00Z"})
+    later = occurrence_of(("u", "m"), {"state": "active", "nextRunAt": "2099-01-01T00:00:00Z"})
     assert later is not None and not is_due(later, NOW)
-    assert occurrence_of("u", "m", {"state": "paused", "nextRunAt": "2026-04-15T00:00:00Z"}) is None
-    assert occurrence_of("u", "m", {"state": "active"}) is None
-    assert occurrence_of("u", "m", {"state": "active", "nextRunAt": "soon"}) is None
+    assert (
+        occurrence_of(("u", "m"), {"state": "paused", "nextRunAt": "2026-04-15T00:00:00Z"}) is None
+    )
+    assert occurrence_of(("u", "m"), {"state": "active"}) is None
+    assert occurrence_of(("u", "m"), {"state": "active", "nextRunAt": "soon"}) is None
     soft_deleted = {
         "state": "active",
         "nextRunAt": "2026-04-15T00:00:00Z",
         "deletedAt": "2026-04-15T01:00:00Z",
     }
-    assert occurrence_of("u", "m", soft_deleted) is None
+    assert occurrence_of(("u", "m"), soft_deleted) is None
 
 
 def test_occurrences_are_instants() -> None:
-    a = occurrence_of("u", "m", {"state": "active", "nextRunAt": "2026-04-15T00:00:00Z"})
-    b = occurrence_of("u", "m", {"state": "active", "nextRunAt": "2026-04-15T00:00:00.000Z"})
-    c = occurrence_of("u", "m", {"state": "active", "nextRunAt": "2026-04-15T02:00:00+02:00"})
+    a = occurrence_of(("u", "m"), {"state": "active", "nextRunAt": "2026-04-15T00:00:00Z"})
+    b = occurrence_of(("u", "m"), {"state": "active", "nextRunAt": "2026-04-15T00:00:00.000Z"})
+    c = occurrence_of(("u", "m"), {"state": "active", "nextRunAt": "2026-04-15T02:00:00+02:00"})
     assert a == b == c
 
 
@@ -115,7 +117,7 @@ def test_budget_loads_out_of_order() -> None:
 
 
 def occ(mission: str, at: int) -> Occurrence:
-    return Occurrence(at, "u", mission)
+    return Occurrence(at, ("u", mission))
 
 
 def test_due_index_orders_replaces_and_discards() -> None:
