@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import bench_server, create_schema  # noqa: E402
 from mission_runner.app import open_app  # noqa: E402
+from mission_runner.runtime import tune_gc  # noqa: E402
 from mission_runner.settings import Settings  # noqa: E402
 from projections.projector import Outcome  # noqa: E402
 
@@ -77,6 +78,7 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
     async with open_app(settings, dsn=dsn) as app:
         ing = app.ingestor
         await ing.boot()
+        tune_gc()
 
         def on_applied(outcome: Outcome) -> None:
             now = app.clock.now_us()
