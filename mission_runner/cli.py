@@ -20,7 +20,6 @@ import psycopg
 from mission_runner import doctor as doctor_mod
 from mission_runner import failpoints
 from mission_runner.app import App, open_app, redact, resolve_database
-from mission_runner.clock import SystemClock
 from mission_runner.demo import DemoUsers
 from mission_runner.devschema import create_dev_schema
 from mission_runner.errors import ConfigurationError, MissionRunnerError, SetupError
@@ -101,7 +100,7 @@ async def cmd_catch_up(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     dsn, _embedded = resolve_database(settings)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        status = await collect_status(conn, slot=settings.slot, now_us=SystemClock().now_us())
+        status = await collect_status(conn, slot=settings.slot)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:

@@ -49,7 +49,7 @@ async def _has_schema(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool
 
 
 async def collect_status(
-    conn: psycopg.AsyncConnection[tuple[object, ...]], *, slot: str, now_us: int
+    conn: psycopg.AsyncConnection[tuple[object, ...]], *, slot: str
 ) -> Status:
     lag = await slots.slot_lag(conn, slot)
     info = await slots.get_slot(conn, slot)
@@ -62,12 +62,21 @@ async def collect_status(
         cur = await conn.execute("SELECT count(*) FROM mana_ai.dead_letter")
         row = await cur.fetchone()
         dead = int(str(row[0])) if row else 0
+    # Seen from outside the service: 0 when the slot has confirmed everything the server
+    # wrote, else the time since our checkpoint last moved (the service's own, finer figure
+    # is mana_ai_replication_lag_seconds).
     lag_seconds: float | None = None
     if lag is not None and lag.lag_bytes is not None:
-        if checkpoint is not None and checkpoint.commit_time_us is not None and lag.lag_bytes > 0:
-            lag_seconds = max(0.0, (now_us - checkpoint.commit_time_us) / 1_000_000)
-        else:
-            lag_seconds = 0.0
+        lag_seconds = 0.0
+        if lag.lag_bytes > 0 and await _has_schema(conn):
+            cur = await conn.execute(
+                "SELECT (extract(epoch from now() - updated_at))::float8"
+                " FROM mana_ai.stream_checkpoint WHERE slot_name = %s",
+                (slot,),
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] is not None:
+                lag_seconds = max(0.0, float(str(row[0])))
     return Status(
         slot=SlotStatus(
             name=slot,
