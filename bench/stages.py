@@ -46,7 +46,7 @@ from mission_runner.migrations import migrate  # noqa: E402
 from mission_runner.runtime import tune_gc  # noqa: E402
 from projections import persistence  # noqa: E402
 from projections.decode import Picker, column_indexes, decode_columns, picker  # noqa: E402
-from projections.merge import RecordState  # noqa: E402
+from projections.merge import RecordState, make_key  # noqa: E402
 from projections.persistence import Checkpoint, PersistBatch, SnapshotRow  # noqa: E402
 from projections.projector import Projector  # noqa: E402
 from projections.rows import ChangeRow  # noqa: E402
@@ -277,7 +277,7 @@ def booted_heap(records: int) -> list[RecordState]:
         for f in range(10):
             name = f"field{f}"
             state.values[name] = {"kind": "daily", "at": [i, f]} if f % 2 else f"text {i}"
-            state.keys[name] = (i, i, "event")
+            state.keys[name] = make_key(i, i, "event")
         heap.append(state)
     return heap
 

@@ -291,18 +291,30 @@ async def load_snapshots(
                     " FROM mana_ai.{table}"
                 ).format(id=sql.Identifier(id_col), table=sql.Identifier(table))
             )
+            # Many records share a user, and records written by one transaction share its
+            # LSN and time: one object each (sys.getsizeof: ~50 B per id, 32 B per number).
+            users: dict[str, str] = {}
+            lsns: dict[str, Lsn] = {}
+            times: dict[int, int] = {}
             while rows := await cur.fetchmany(chunk):
                 states = []
                 for row in rows:
+                    user = str(row[0])
+                    user = users.setdefault(user, user)
                     state = state_from_persisted(
-                        str(row[0]),
+                        user,
                         str(row[1]),
                         orjson.loads(str(row[2])),
                         orjson.loads(str(row[3])),
                         bool(row[4]),
                     )
-                    state.last_lsn = Lsn.parse(str(row[5]))
-                    state.last_applied_us = int(str(row[6]))
+                    lsn_text = str(row[5])
+                    lsn = lsns.get(lsn_text)
+                    if lsn is None:
+                        lsn = lsns[lsn_text] = Lsn.parse(lsn_text)
+                    state.last_lsn = lsn
+                    applied = int(str(row[6]))
+                    state.last_applied_us = times.setdefault(applied, applied)
                     states.append(state)
                 yield states
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +19,11 @@ from projections.merge import (
     agent_view,
     apply_row,
     format_stamp,
+    key_created,
+    key_event,
+    key_stamp,
     keys_to_json,
+    make_key,
     merge_into,
     merge_states,
     mission_view,
@@ -245,7 +251,7 @@ def test_invalid_stamps_use_created_at_and_are_counted(meta: JsonValue) -> None:
     outcome = apply_row(state, bad)
     assert outcome.invalid_stamps == 2 and outcome.changed
     assert state.values["title"] == "bad"
-    assert state.keys["title"][0] == us("2026-04-15T02:00:00Z")
+    assert key_stamp(state.keys["title"]) == us("2026-04-15T02:00:00Z")
     late = row("update", {"title": "late"}, {"title": "2026-04-15T02:00:01Z"})
     apply_row(state, late)
     assert state.values["title"] == "late"
@@ -267,7 +273,7 @@ def test_unstamped_insert_field_loses_to_any_update() -> None:
         assert state.values["title"] == update.data["title"]  # type: ignore[index]
         assert fold([update, insert]) == state
     alone = fold([insert])
-    assert alone.keys["title"][0] == UNSTAMPED
+    assert key_stamp(alone.keys["title"]) == UNSTAMPED
     # An unstamped winner reports its row's created_at.
     assert to_record(alone)["__fieldMeta"] == {"title": "2026-04-15T12:00:00.000Z"}
     later = fold([insert, row("insert", {"title": "2nd"}, {}, created="2026-04-15T13:00:00Z")])
@@ -441,11 +447,13 @@ def test_reserved_fields_are_derived() -> None:
     }
 
 
-def test_fields_of_a_row_share_one_key_tuple() -> None:
+def test_fields_of_a_row_share_one_key() -> None:
     r = row("update", {"a": 1, "b": 2, "c": 3}, {"a": NOW, "b": {"at": NOW}, "c": DAY})
     state = fold([r])
     assert state.keys["a"] is state.keys["b"]
-    assert state.keys["a"][2] is r.event_id
+    assert state.keys["a"] == make_key(us(NOW), us(DAY), r.event_id)
+    assert state.keys["c"] == make_key(us(DAY), us(DAY), r.event_id)
+    assert key_event(state.keys["c"]) == r.event_id and key_created(state.keys["c"]) == us(DAY)
 
 
 def test_keys_change_without_visible_change_is_a_change() -> None:
@@ -466,6 +474,79 @@ def test_merge_bookkeeping_takes_the_later() -> None:
     b = RecordState("u1", "m1", last_lsn=Lsn(7), last_applied_us=3)
     assert not merge_into(a, b)
     assert a.last_lsn == Lsn(7) and a.last_applied_us == 10
+
+
+# --- merge keys ------------------------------------------------------------------------------
+
+KEY_CASES = [
+    (UNSTAMPED, us(DAY), "2c1e8a3e-5b8f-4d0e-9a57-3f0d1c2b4a69"),
+    (us(NOW), us(DAY), "e1"),
+    (-1, -(2**63), ""),
+    (2**63 - 1, 0, "ünïcode \U0001f600 \x00"),
+    (0, 1, "\ud800 lone surrogate"),
+    (0, 1, "2C1E8A3E-5B8F-4D0E-9A57-3F0D1C2B4A69"),
+]
+
+
+@pytest.mark.parametrize(("stamp", "created", "event"), KEY_CASES)
+def test_key_helpers_round_trip(stamp: int, created: int, event: str) -> None:
+    key = make_key(stamp, created, event)
+    assert type(key) is bytes
+    assert (key_stamp(key), key_created(key), key_event(key)) == (stamp, created, event)
+
+
+def test_key_of_a_canonical_uuid_is_52_bytes() -> None:
+    key = make_key(us(NOW), us(DAY), str(uuid.uuid4()))
+    assert len(key) == 8 + 8 + 36
+
+
+def test_make_key_rejects_integers_beyond_64_bits() -> None:
+    with pytest.raises(struct.error):
+        make_key(2**63, 0, "e")
+    with pytest.raises(struct.error):
+        make_key(0, -(2**63) - 1, "e")
+
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+# Few distinct values as well as any, so that ties on stamp and created_at are common.
+STAMPS = st.one_of(st.sampled_from([UNSTAMPED, -1, 0, 1, us(DAY), us(NOW)]), INT64)
+CREATED = st.one_of(st.sampled_from([-1, 0, us(DAY)]), INT64)
+UUID_TEXT = st.uuids(version=4).map(str)
+
+
+def assert_same_order(a: tuple[int, int, str], b: tuple[int, int, str]) -> None:
+    ka, kb = make_key(*a), make_key(*b)
+    assert (ka < kb) == (a < b)
+    assert (ka == kb) == (a == b)
+    assert (ka > kb) == (a > b)
+
+
+@settings(max_examples=500)
+@given(STAMPS, CREATED, UUID_TEXT, STAMPS, CREATED, UUID_TEXT)
+def test_key_order_is_tuple_order_for_canonical_uuids(
+    s1: int, c1: int, e1: str, s2: int, c2: int, e2: str
+) -> None:
+    assert_same_order((s1, c1, e1), (s2, c2, e2))
+    assert_same_order((s1, c1, e1), (s1, c1, e2))  # tie on stamp and created: the id decides
+    assert_same_order((s1, c1, e1), (s1, c2, e1))
+
+
+@settings(max_examples=500)
+@given(
+    STAMPS,
+    CREATED,
+    st.one_of(UUID_TEXT, st.text()),
+    STAMPS,
+    CREATED,
+    st.one_of(UUID_TEXT, st.text()),
+)
+def test_key_order_is_tuple_order_for_any_ids(
+    s1: int, c1: int, e1: str, s2: int, c2: int, e2: str
+) -> None:
+    assert_same_order((s1, c1, e1), (s2, c2, e2))
+    assert_same_order((s1, c1, e1), (s1, c1, e2))
+    key = make_key(s1, c1, e1)
+    assert (key_stamp(key), key_created(key), key_event(key)) == (s1, c1, e1)
 
 
 # --- persistence -----------------------------------------------------------------------------
@@ -492,6 +573,8 @@ def test_persisted_form() -> None:
         ({"title": "x"}, {"title": [None, True, "e"]}),
         ({"title": "x"}, {"title": [None, 0, 5]}),
         ({"id": "m1"}, {"id": [None, 0, "e"]}),
+        ({"title": "x"}, {"title": [2**63, 0, "e"]}),
+        ({"title": "x"}, {"title": [None, -(2**63) - 1, "e"]}),
     ],
 )
 def test_state_from_persisted_rejects_mismatch(
@@ -499,6 +582,21 @@ def test_state_from_persisted_rejects_mismatch(
 ) -> None:
     with pytest.raises(ValueError):
         state_from_persisted("u1", "m1", record, keys, deleted=False)
+
+
+def test_reloaded_fields_share_one_key_per_distinct_key() -> None:
+    ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    rows = [
+        row("insert", {"a": 1, "b": 2, "c": 3}, {}, event=ids[0]),
+        row("update", {"b": 4, "c": 5}, {"b": NOW, "c": {"at": NOW}}, event=ids[1]),
+    ]
+    state = fold(rows)
+    keys = orjson.loads(orjson.dumps(keys_to_json(state)))
+    assert keys["b"] == keys["c"] == [us(NOW), us(DAY), ids[1]]
+    again = state_from_persisted("u1", "m1", to_record(state), keys, deleted=False)
+    assert again == state
+    assert again.keys["b"] is again.keys["c"]
+    assert again.keys["a"] == make_key(UNSTAMPED, us(DAY), ids[0])
 
 
 def test_persisted_tombstone() -> None:
@@ -555,13 +653,21 @@ def raw_rows(draw: st.DrawFn, records: Sequence[str] = ("m1", "m2")) -> tuple[ob
     return (op, record, created, data, meta)
 
 
+def event_id(i: int) -> str:
+    """Unique ids of both kinds: like the tests' (`e001`) and like production's (a canonical
+    UUID text, its order unrelated to `i`)."""
+    if i % 2:
+        return str(uuid.UUID(int=i * 0x9E3779B97F4A7C15_F39CC0605CEDC834 % 2**128))
+    return f"e{i:03d}"
+
+
 def build(raws: Sequence[tuple[object, ...]]) -> list[ChangeRow]:
     """Turn drawn tuples into rows with unique event ids (duplicates are built by the tests)."""
     out = []
     for i, (op, record, created, data, meta) in enumerate(raws):
         out.append(
             ChangeRow(
-                event_id=f"e{i:03d}",
+                event_id=event_id(i),
                 app_id=APP_ID,
                 table_name=MISSIONS_TABLE,
                 record_id=str(record),
@@ -701,23 +807,27 @@ def test_apply_row_stamps_fields_exactly_like_parse_stamp(text: str) -> None:
     expected = parse_stamp(text)
     assert outcome.invalid_stamps == (3 if expected is None else 0)
     for name in "abc":
-        assert state.keys[name][0] == (us(NOW) if expected is None else expected)
-    assert state.keys["d"][0] == us("2026-04-15T05:00:00Z")
+        assert key_stamp(state.keys[name]) == (us(NOW) if expected is None else expected)
+    assert key_stamp(state.keys["d"]) == us("2026-04-15T05:00:00Z")
 
 
 @settings(max_examples=200)
 @given(st.lists(raw_rows(("m1",)), max_size=12))
 def test_persisted_forms_field_by_field(raws: list[tuple[object, ...]]) -> None:
-    """`to_record` and `keys_to_json` format each run of shared key tuples once: the result
-    is what formatting every field on its own gives."""
+    """`to_record` and `keys_to_json` format each run of shared keys once: the result is
+    what formatting every field on its own gives."""
     state = fold(build(raws))
     expected_meta = {
-        name: format_stamp(created if stamp == UNSTAMPED else stamp)
-        for name, (stamp, created, _) in state.keys.items()
+        name: format_stamp(key_created(key) if key_stamp(key) == UNSTAMPED else key_stamp(key))
+        for name, key in state.keys.items()
     }
     assert to_record(state) == {"id": "m1", **state.values, "__fieldMeta": expected_meta}
     assert keys_to_json(state) == {
-        name: [None if stamp == UNSTAMPED else stamp, created, event]
-        for name, (stamp, created, event) in state.keys.items()
+        name: [
+            None if key_stamp(key) == UNSTAMPED else key_stamp(key),
+            key_created(key),
+            key_event(key),
+        ]
+        for name, key in state.keys.items()
     }
     assert orjson.loads(orjson.dumps(keys_to_json(state))) == keys_to_json(state)

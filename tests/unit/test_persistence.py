@@ -7,7 +7,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from projections.merge import RecordState, keys_to_json, to_record
+from projections.merge import RecordState, keys_to_json, make_key, to_record
 from projections.persistence import SnapshotRow, copy_text, serialize, us_to_datetime
 from stream.lsn import Lsn
 
@@ -16,7 +16,7 @@ T0 = 1_776_211_200_123_456
 
 def state(user: str = "u1", record: str = "m1", **values: object) -> RecordState:
     s = RecordState(user, record, exists=True, last_lsn=Lsn(0x1_0000_00A0), last_applied_us=T0)
-    key = (T0, T0, "ev1")
+    key = make_key(T0, T0, "ev1")
     for name, value in values.items():
         s.values[name] = value  # type: ignore[assignment]
         s.keys[name] = key
