@@ -410,16 +410,17 @@ def to_record(state: RecordState) -> dict[str, JsonValue]:
     field's winning stamp as ISO text. A new top-level dict; nested values are shared."""
     record: dict[str, JsonValue] = {"id": state.record_id}
     record.update(state.values)
-    # Fields a row stamped alike share one key object (see RecordState), and keys keep the
-    # order fields were first seen in, so runs of equal keys are common: format once a run.
+    # A record has a few distinct key objects shared by many fields (see RecordState):
+    # format each once.
+    texts: dict[FieldKey, str] = {}
     field_meta: dict[str, JsonValue] = {}
-    last_key: FieldKey | None = None
-    text = ""
     for name, key in state.keys.items():
-        if key is not last_key:
-            last_key = key  # an unstamped winner reports its row's created_at
-            stamp, created = _UNPACK(key)
-            text = format_stamp((created if stamp == _UNSTAMPED_BIASED else stamp) - _BIAS)
+        text = texts.get(key)
+        if text is None:
+            stamp, created = _UNPACK(key)  # an unstamped winner reports its row's created_at
+            text = texts[key] = format_stamp(
+                (created if stamp == _UNSTAMPED_BIASED else stamp) - _BIAS
+            )
         field_meta[name] = text
     record["__fieldMeta"] = field_meta
     return record
@@ -430,13 +431,12 @@ def keys_to_json(state: RecordState) -> dict[str, JsonValue]:
     `{field: [stamp_us | null, created_us, event_id]}`, null standing for an unstamped insert
     field. The integers of real instants stay below 2**53, so JSON readers keep them exact."""
     out: dict[str, JsonValue] = {}
-    last_key: FieldKey | None = None
-    entry: JsonValue = None
+    entries: dict[FieldKey, JsonValue] = {}  # one list per distinct key object
     for name, key in state.keys.items():
-        if key is not last_key:  # one list per run of shared key objects (see to_record)
-            last_key = key
+        entry = entries.get(key)
+        if entry is None:
             stamp, created = _UNPACK(key)
-            entry = [
+            entry = entries[key] = [
                 None if stamp == _UNSTAMPED_BIASED else stamp - _BIAS,
                 created - _BIAS,
                 key[16:].decode("utf-8", "surrogatepass"),  # key_event, inlined
