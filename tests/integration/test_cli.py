@@ -193,3 +193,78 @@ def test_wrong_database_url_exits_2(db: TestDatabase) -> None:
     )
     assert done.returncode == 2
     assert "DATABASE_URL" in done.stderr
+
+
+def _postmasters_of(pgdata: str) -> list[int]:
+    """Pids of processes whose command line names this data directory."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if pgdata.encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_the_embedded_server_stops_with_the_program(tmp_path: pytest.TempPathFactory) -> None:
+    # `make run` on a fresh machine: the demo starts the embedded server in a new data
+    # directory (which takes one restart to turn on wal_level=logical) and is stopped with
+    # Ctrl-C. The server must stop with it.
+    import os
+
+    data_dir = tmp_path / "embedded"  # type: ignore[operator]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MISSION_RUNNER_")}
+    env.pop("DATABASE_URL", None)
+    env.update(MISSION_RUNNER_DATA_DIR=str(data_dir), HTTP_PORT="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mission_runner.cli", "demo"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "stream caught up" in line:
+                break
+        # Ctrl-C in a terminal signals the whole foreground process group.
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(seen[-20:])
+    pgdata = str(data_dir / "pgdata")
+    deadline = time.monotonic() + 10
+    while _postmasters_of(pgdata) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _postmasters_of(pgdata) == []
+
+
+def test_the_embedded_handle_follows_a_restart(tmp_path: pytest.TempPathFactory) -> None:
+    # The wheel stops the server at exit only if the postmaster it tracks is alive; after
+    # the restart that turns on logical decoding, it must track the new one.
+    from pathlib import Path
+
+    from mission_runner.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(Path(str(tmp_path)) / "handle", delete_on_exit=True)
+    pg.start()
+    try:
+        pg.restart()
+        running = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+        assert pg._server.get_pid() == running
+    finally:
+        pg._server.cleanup()  # what the wheel runs at exit: stop, then delete
+    assert _postmasters_of(str(pg.pgdata)) == []
