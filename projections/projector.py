@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from projections import fastpath
 from projections.decode import Picker, Rejected, Value, column_indexes, decode_columns, picker
 from projections.rows import MISSIONS_TABLE, JsonValue
 from projections.stores import SnapshotStore
@@ -55,7 +56,10 @@ class Projector:
         agents: SnapshotStore,
         applied_lsn: Lsn = ZERO,
         applied_commit_time_us: int | None = None,
+        fast: bool = True,
     ) -> None:
+        """`fast=False` runs the Python path alone (the definition the compiled fast path is
+        held to; see projections/fastpath.py)."""
         self.missions = missions
         self.agents = agents
         self.applied_lsn = applied_lsn
@@ -63,6 +67,7 @@ class Projector:
         # Relation OID -> the Relation last seen and how to pick COLUMNS from its tuples
         # (None: not sync_changes, or it lacks a column we read).
         self._relations: dict[int, tuple[Relation, Picker | None]] = {}
+        self._fast = fastpath.APPLY if fast else None
 
     def already_applied(self, tx: CommittedTransaction) -> bool:
         return tx.commit_lsn < self.applied_lsn
@@ -135,7 +140,33 @@ class Projector:
         # transaction that last changed it (its bookkeeping, set by the store).
         missions, agents = self.missions, self.agents
         changed_missions, changed_agents = outcome.changed_missions, outcome.changed_agents
+        fast = self._fast
+        agent_bit, shift = fastpath.AGENT, fastpath.INVALID_SHIFT
+        if fast is not None:
+            m_states, m_dirty = missions.fast_path_parts()
+            a_states, a_dirty = agents.fast_path_parts()
         for columns in rows:
+            if fast is not None:
+                # The common row, in C; None: declined, nothing changed, the Python path below.
+                code = fast(
+                    columns,
+                    m_states,
+                    m_dirty,
+                    changed_missions,
+                    a_states,
+                    a_dirty,
+                    changed_agents,
+                    lsn,
+                    commit_time_us,
+                )
+                if code is not None:
+                    if code & agent_bit:
+                        outcome.agent_rows += 1
+                    else:
+                        outcome.mission_rows += 1
+                    if code >> shift:
+                        outcome.invalid_stamps += code >> shift
+                    continue
             row = decode_columns(columns)
             if row is None:
                 outcome.foreign_rows += 1

@@ -115,6 +115,15 @@ class SnapshotStore:
                 state.last_applied_us = applied_us
         return outcome
 
+    def fast_path_parts(
+        self,
+    ) -> tuple[dict[StoreKey, RecordState], dict[StoreKey, RecordState]]:
+        """The states and dirty dicts, for `projections.fastpath.APPLY` only: it changes an
+        existing, not deleted state the way `apply` would, marks it dirty, and declines every
+        row that could create a state or change whether one is live (so `_live` stays
+        right without it)."""
+        return self._states, self._dirty
+
     def merge_in(self, state: RecordState) -> bool:
         """Join `state` into the store (taking ownership of it if the key is new); True and
         dirty if the store's state changed."""

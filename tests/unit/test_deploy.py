@@ -497,7 +497,7 @@ def test_dockerfile_copies_every_package_and_the_context_allows_them() -> None:
         words = rest.split()
         if instruction == "COPY" and not words[0].startswith("--"):
             copied.update(w.rstrip("/") for w in words[:-1])
-    assert copied == packages | {"pyproject.toml", "README.md"}
+    assert copied == packages | {"pyproject.toml", "README.md", "setup.py"}
     # The ignore file is an allowlist: "*" first, then each path the image needs.
     lines = [
         ln.strip()

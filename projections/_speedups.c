@@ -1,0 +1,490 @@
+/*
+ * projections._speedups: the streaming fast path of the projector, compiled.
+ *
+ * `apply(columns, ...)` folds one `sync_changes` row into the snapshot stores exactly as
+ * `decode_columns` + `SnapshotStore.apply` + `apply_row` do (projections/decode.py, stores.py,
+ * merge.py), for the rows that make up nearly all of a stream: an `insert` or `update` of an
+ * `ai` mission or agent that already exists and is not deleted, with every column present,
+ * well-formed ids, JSON objects in `data` and `field_meta`, and a parseable `created_at`.
+ * For every other row it returns None before changing anything, and the caller takes the
+ * Python path, which decides everything else (new records, deletes, tombstones, dead
+ * letters, an agent's `deletedAt`). The Python code is the definition; a unit test holds
+ * this file to it on generated rows and states.
+ *
+ * It calls the same Python functions for what is not mechanical (`orjson.loads`, the
+ * memoised `created_at` and stamp parsers), handed over once by `configure`.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Set by configure(); strong references for the life of the process. */
+static PyObject *json_loads = NULL;      /* orjson.loads */
+static PyObject *created_at_us = NULL;   /* decode._created_at_us: bytes -> int | None */
+static PyObject *parse_stamp = NULL;     /* merge._parse_text: str -> int | None */
+static long long unstamped = 0;          /* merge.UNSTAMPED */
+static Py_ssize_t max_stamp_len = 0;     /* merge._MAX_STAMP_LEN */
+
+static PyObject *s_exists, *s_deleted, *s_values, *s_keys, *s_last_lsn, *s_last_applied_us;
+static PyObject *s_at, *s_deleted_at;
+
+enum { COL_ID, COL_APP, COL_TABLE, COL_RECORD, COL_USER, COL_OP, COL_DATA, COL_META,
+       COL_CREATED, N_COLUMNS };
+
+/* Result bits: see `apply`. */
+#define R_CHANGED 1
+#define R_AGENT 2
+#define R_INVALID_SHIFT 2
+
+static int
+bytes_is(PyObject *b, const char *text, Py_ssize_t n)
+{
+    return PyBytes_GET_SIZE(b) == n && memcmp(PyBytes_AS_STRING(b), text, (size_t)n) == 0;
+}
+
+static void
+put_biased(unsigned char *out, long long v)
+{
+    /* v + 2**63 as an unsigned big-endian 64-bit integer: the order of `struct.pack(">Q")`
+       of the biased value, as merge.make_key builds it. */
+    uint64_t u = ((uint64_t)v) ^ ((uint64_t)1 << 63);
+    for (int i = 7; i >= 0; i--) {
+        out[i] = (unsigned char)(u & 0xff);
+        u >>= 8;
+    }
+}
+
+/* merge.make_key(stamp, created_at, event_id) for an event id whose UTF-8 bytes are `event`. */
+static PyObject *
+make_key(long long stamp, long long created, PyObject *event)
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(event);
+    PyObject *key = PyBytes_FromStringAndSize(NULL, 16 + n);
+    if (key == NULL) {
+        return NULL;
+    }
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(key);
+    put_biased(p, stamp);
+    put_biased(p + 8, created);
+    memcpy(p + 16, PyBytes_AS_STRING(event), (size_t)n);
+    return key;
+}
+
+/* Call `fn(arg)`; on a ValueError (which covers orjson's JSONDecodeError and
+   UnicodeDecodeError) clear it and set *declined: the Python path decides about the row. */
+static PyObject *
+call_or_decline(PyObject *fn, PyObject *arg, int *declined)
+{
+    PyObject *r = PyObject_CallOneArg(fn, arg);
+    if (r == NULL && PyErr_ExceptionMatches(PyExc_ValueError)) {
+        PyErr_Clear();
+        *declined = 1;
+    }
+    return r;
+}
+
+static PyObject *
+decode_utf8(PyObject *b, int *declined)
+{
+    PyObject *s = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), NULL);
+    if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+        PyErr_Clear();
+        *declined = 1;
+    }
+    return s;
+}
+
+/* apply_row's loop over the fields of `data` for a state that exists and is not deleted.
+   Returns the number of invalid stamps, or -1 with an exception set; *changed is set when a
+   field's value or key changed. */
+static long
+merge_fields(PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
+             long long created, PyObject *event, int may_be_unstamped, int *changed)
+{
+    long invalid = 0;
+    Py_ssize_t pos = 0;
+    PyObject *name, *value;
+    PyObject *last_text = NULL;   /* strong: the row's previous stamp text */
+    int last_parsed_ok = 0;       /* ... and whether it parsed, to last_parsed */
+    long long last_parsed = 0;
+    int have_last_stamp = 0;
+    long long last_stamp = 0;
+    PyObject *last_key = NULL;    /* strong */
+
+    while (PyDict_Next(data, &pos, &name, &value)) {
+        if (!PyUnicode_Check(name)) {
+            goto fail_type;  /* orjson only makes str keys; never reached */
+        }
+        if (PyUnicode_CompareWithASCIIString(name, "id") == 0
+            || PyUnicode_CompareWithASCIIString(name, "__fieldMeta") == 0) {
+            continue;  /* RESERVED_FIELDS */
+        }
+        PyObject *raw = PyDict_GetItemWithError(meta, name);
+        if (raw == NULL && PyErr_Occurred()) {
+            goto fail;
+        }
+        long long stamp;
+        if (raw == NULL && may_be_unstamped) {
+            stamp = unstamped;
+        }
+        else {
+            int stamp_ok = 0;
+            PyObject *text = raw;
+            if (raw != NULL && PyDict_Check(raw)) {
+                text = PyDict_GetItemWithError(raw, s_at);
+                if (text == NULL && PyErr_Occurred()) {
+                    goto fail;
+                }
+            }
+            if (text != NULL && PyUnicode_Check(text)) {
+                int same = 0;
+                if (last_text != NULL) {
+                    same = PyUnicode_Compare(text, last_text) == 0;
+                    if (!same && PyErr_Occurred()) {
+                        goto fail;
+                    }
+                }
+                if (!same) {
+                    Py_INCREF(text);
+                    Py_XSETREF(last_text, text);
+                    last_parsed_ok = 0;
+                    if (PyUnicode_GET_LENGTH(text) <= max_stamp_len) {
+                        PyObject *parsed = PyObject_CallOneArg(parse_stamp, text);
+                        if (parsed == NULL) {
+                            goto fail;
+                        }
+                        if (parsed != Py_None) {
+                            last_parsed = PyLong_AsLongLong(parsed);
+                            if (last_parsed == -1 && PyErr_Occurred()) {
+                                Py_DECREF(parsed);
+                                goto fail;
+                            }
+                            last_parsed_ok = 1;
+                        }
+                        Py_DECREF(parsed);
+                    }
+                }
+                if (last_parsed_ok) {
+                    stamp = last_parsed;
+                    stamp_ok = 1;
+                }
+            }
+            if (!stamp_ok) {
+                stamp = created;
+                invalid++;
+            }
+        }
+        if (!have_last_stamp || stamp != last_stamp) {
+            have_last_stamp = 1;
+            last_stamp = stamp;
+            Py_XSETREF(last_key, make_key(stamp, created, event));
+            if (last_key == NULL) {
+                goto fail;
+            }
+        }
+        PyObject *current = PyDict_GetItemWithError(keys, name);
+        if (current == NULL) {
+            if (PyErr_Occurred()) {
+                goto fail;
+            }
+            Py_INCREF(name);
+            PyUnicode_InternInPlace(&name);  /* one field-name string for all records */
+            int err = PyDict_SetItem(keys, name, last_key) < 0
+                      || PyDict_SetItem(values, name, value) < 0;
+            Py_DECREF(name);
+            if (err) {
+                goto fail;
+            }
+            *changed = 1;
+        }
+        else {
+            int greater = PyObject_RichCompareBool(last_key, current, Py_GT);
+            if (greater < 0) {
+                goto fail;
+            }
+            if (greater) {
+                if (PyDict_SetItem(keys, name, last_key) < 0
+                    || PyDict_SetItem(values, name, value) < 0) {
+                    goto fail;
+                }
+                *changed = 1;
+            }
+        }
+    }
+    Py_XDECREF(last_text);
+    Py_XDECREF(last_key);
+    return invalid;
+
+fail_type:
+    PyErr_SetString(PyExc_TypeError, "a field name of data is not a str");
+fail:
+    Py_XDECREF(last_text);
+    Py_XDECREF(last_key);
+    return -1;
+}
+
+PyDoc_STRVAR(apply_doc,
+"apply(columns, mission_states, mission_dirty, changed_missions, agent_states, agent_dirty,\n"
+"      changed_agents, lsn, applied_us) -> int | None\n"
+"\n"
+"Fold one row (its COLUMNS values) into the stores' states dict, as the Python path would.\n"
+"None: not taken, nothing changed; the caller applies the row the Python way. Otherwise an\n"
+"int: bit 0 set when the record changed (it is then in the dirty dict and its key appended\n"
+"to the changed list, with last_lsn/last_applied_us set), bit 1 set for an agent row, and\n"
+"the number of invalid stamps shifted left by 2.");
+
+static PyObject *
+apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "apply() takes 9 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (json_loads == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "projections._speedups is not configured");
+        return NULL;
+    }
+    PyObject *columns = args[0];
+    if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != N_COLUMNS) {
+        Py_RETURN_NONE;
+    }
+    PyObject *col[N_COLUMNS];
+    for (int i = 0; i < N_COLUMNS; i++) {
+        col[i] = PyTuple_GET_ITEM(columns, i);
+        if (!PyBytes_CheckExact(col[i])) {
+            Py_RETURN_NONE;
+        }
+    }
+    if (!bytes_is(col[COL_APP], "ai", 2)) {
+        Py_RETURN_NONE;
+    }
+    int agent;
+    if (bytes_is(col[COL_TABLE], "aiMissions", 10)) {
+        agent = 0;
+    }
+    else if (bytes_is(col[COL_TABLE], "agents", 6)) {
+        agent = 1;
+    }
+    else {
+        Py_RETURN_NONE;
+    }
+    int is_insert;
+    if (bytes_is(col[COL_OP], "insert", 6)) {
+        is_insert = 1;
+    }
+    else if (bytes_is(col[COL_OP], "update", 6)) {
+        is_insert = 0;
+    }
+    else {
+        Py_RETURN_NONE;  /* deletes (and unknown ops) take the Python path */
+    }
+    if (PyBytes_GET_SIZE(col[COL_ID]) == 0 || PyBytes_GET_SIZE(col[COL_RECORD]) == 0
+        || PyBytes_GET_SIZE(col[COL_USER]) == 0) {
+        Py_RETURN_NONE;
+    }
+    PyObject *states = args[agent ? 4 : 1];
+    PyObject *dirty = args[agent ? 5 : 2];
+    PyObject *changed_list = args[agent ? 6 : 3];
+    PyObject *lsn = args[7];
+    PyObject *applied_us = args[8];
+    if (!PyDict_CheckExact(states) || !PyDict_CheckExact(dirty) || !PyList_Check(changed_list)) {
+        PyErr_SetString(PyExc_TypeError, "apply() needs dicts of states and dirty states and a list");
+        return NULL;
+    }
+
+    int declined = 0;
+    long long created = 0;
+    PyObject *user = NULL, *record = NULL, *key = NULL, *state = NULL;
+    PyObject *data = NULL, *meta = NULL, *exists = NULL, *deleted = NULL;
+    PyObject *values = NULL, *keys = NULL, *result = NULL;
+
+    PyObject *created_obj = PyObject_CallOneArg(created_at_us, col[COL_CREATED]);
+    if (created_obj == NULL) {
+        return NULL;
+    }
+    if (created_obj == Py_None) {
+        Py_DECREF(created_obj);
+        Py_RETURN_NONE;
+    }
+    created = PyLong_AsLongLong(created_obj);
+    Py_DECREF(created_obj);
+    if (created == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    /* The event id must be UTF-8 (the Python path decodes it); its bytes are then the key's
+       event part, as `event_id.encode("utf-8", "surrogatepass")` gives them back. */
+    PyObject *event_text = decode_utf8(col[COL_ID], &declined);
+    if (event_text == NULL) {
+        return declined ? Py_NewRef(Py_None) : NULL;
+    }
+    Py_DECREF(event_text);  /* decoded only to validate */
+    record = decode_utf8(col[COL_RECORD], &declined);
+    if (record == NULL) {
+        goto done;
+    }
+    user = decode_utf8(col[COL_USER], &declined);
+    if (user == NULL) {
+        goto done;
+    }
+    data = call_or_decline(json_loads, col[COL_DATA], &declined);
+    if (data == NULL) {
+        goto done;
+    }
+    meta = call_or_decline(json_loads, col[COL_META], &declined);
+    if (meta == NULL) {
+        goto done;
+    }
+    if (!PyDict_CheckExact(data) || !PyDict_CheckExact(meta)) {
+        declined = 1;
+        goto done;
+    }
+    if (agent) {
+        /* An agent's liveness reads its merged deletedAt: the Python path keeps the count. */
+        int has = PyDict_Contains(data, s_deleted_at);
+        if (has != 0) {
+            declined = has > 0;
+            goto done;
+        }
+    }
+    key = PyTuple_Pack(2, user, record);
+    if (key == NULL) {
+        goto done;
+    }
+    state = PyDict_GetItemWithError(states, key);
+    if (state == NULL) {
+        declined = !PyErr_Occurred();  /* a new record: the Python path creates it */
+        goto done;
+    }
+    Py_INCREF(state);
+    exists = PyObject_GetAttr(state, s_exists);
+    if (exists == NULL) {
+        goto done;
+    }
+    deleted = PyObject_GetAttr(state, s_deleted);
+    if (deleted == NULL) {
+        goto done;
+    }
+    if (exists != Py_True || deleted != Py_False) {
+        declined = 1;
+        goto done;
+    }
+    long invalid = 0;
+    int changed = 0;
+    if (PyDict_GET_SIZE(data) > 0) {
+        values = PyObject_GetAttr(state, s_values);
+        if (values == NULL) {
+            goto done;
+        }
+        keys = PyObject_GetAttr(state, s_keys);
+        if (keys == NULL) {
+            goto done;
+        }
+        if (!PyDict_CheckExact(values) || !PyDict_CheckExact(keys)) {
+            declined = 1;
+            goto done;
+        }
+        invalid = merge_fields(values, keys, data, meta, created, col[COL_ID], is_insert,
+                               &changed);
+        if (invalid < 0) {
+            goto done;
+        }
+    }
+    if (changed) {
+        if (PyDict_SetItem(dirty, key, state) < 0
+            || PyObject_SetAttr(state, s_last_lsn, lsn) < 0
+            || PyObject_SetAttr(state, s_last_applied_us, applied_us) < 0
+            || PyList_Append(changed_list, key) < 0) {
+            goto done;
+        }
+    }
+    result = PyLong_FromLong((changed ? R_CHANGED : 0) | (agent ? R_AGENT : 0)
+                             | (invalid << R_INVALID_SHIFT));
+
+done:
+    Py_XDECREF(user);
+    Py_XDECREF(record);
+    Py_XDECREF(key);
+    Py_XDECREF(state);
+    Py_XDECREF(data);
+    Py_XDECREF(meta);
+    Py_XDECREF(exists);
+    Py_XDECREF(deleted);
+    Py_XDECREF(values);
+    Py_XDECREF(keys);
+    if (result == NULL && declined && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
+    }
+    return result;
+}
+
+PyDoc_STRVAR(configure_doc,
+"configure(loads, created_at_us, parse_stamp, unstamped, max_stamp_len)\n"
+"\n"
+"Hand over the Python functions and constants the fast path shares with the Python path.");
+
+static PyObject *
+configure(PyObject *self, PyObject *args)
+{
+    PyObject *loads, *created, *parse;
+    long long unst;
+    Py_ssize_t max_len;
+    if (!PyArg_ParseTuple(args, "OOOLn:configure", &loads, &created, &parse, &unst, &max_len)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(loads) || !PyCallable_Check(created) || !PyCallable_Check(parse)) {
+        PyErr_SetString(PyExc_TypeError, "configure() takes three callables");
+        return NULL;
+    }
+    Py_INCREF(loads);
+    Py_XSETREF(json_loads, loads);
+    Py_INCREF(created);
+    Py_XSETREF(created_at_us, created);
+    Py_INCREF(parse);
+    Py_XSETREF(parse_stamp, parse);
+    unstamped = unst;
+    max_stamp_len = max_len;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"apply", (PyCFunction)(void (*)(void))apply, METH_FASTCALL, apply_doc},
+    {"configure", configure, METH_VARARGS, configure_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "projections._speedups",
+    "The projector's streaming fast path, compiled (see projections/fastpath.py).",
+    -1,
+    methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    struct { PyObject **slot; const char *text; } names[] = {
+        {&s_exists, "exists"}, {&s_deleted, "deleted"}, {&s_values, "values"},
+        {&s_keys, "keys"}, {&s_last_lsn, "last_lsn"}, {&s_last_applied_us, "last_applied_us"},
+        {&s_at, "at"}, {&s_deleted_at, "deletedAt"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (*names[i].slot == NULL) {
+            *names[i].slot = PyUnicode_InternFromString(names[i].text);
+            if (*names[i].slot == NULL) {
+                return NULL;
+            }
+        }
+    }
+    return PyModule_Create(&module);
+}

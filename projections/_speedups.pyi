@@ -1,0 +1,22 @@
+from collections.abc import Callable
+
+def configure(
+    loads: Callable[[bytes], object],
+    created_at_us: Callable[[bytes], int | None],
+    parse_stamp: Callable[[str], int | None],
+    unstamped: int,
+    max_stamp_len: int,
+    /,
+) -> None: ...
+def apply(
+    columns: tuple[object, ...],
+    mission_states: dict[tuple[str, str], object],
+    mission_dirty: dict[tuple[str, str], object],
+    changed_missions: list[tuple[str, str]],
+    agent_states: dict[tuple[str, str], object],
+    agent_dirty: dict[tuple[str, str], object],
+    changed_agents: list[tuple[str, str]],
+    lsn: object,
+    applied_us: int,
+    /,
+) -> int | None: ...

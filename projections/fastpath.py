@@ -1,0 +1,52 @@
+"""The projector's compiled fast path, when it was built.
+
+`projections._speedups.apply` folds the common row (an `insert`/`update` of an existing,
+not deleted `ai` mission or agent, well-formed) into the stores in C, calling the same
+parsers as the Python path; for any other row it declines and changes nothing, and the
+Python path (`decode_columns` + `SnapshotStore.apply`) takes the row. The Python path is
+the definition: `tests/unit/test_fastpath.py` holds the compiled one to it.
+
+The module is optional (setup.py builds it when a C compiler is there). `APPLY` is None
+without it, or when `MISSION_RUNNER_PURE_PYTHON=1` is set, and the projector then runs the
+Python path alone: same snapshots, lower throughput.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Final
+
+import orjson
+
+from projections import decode, merge
+
+FastApply = Callable[..., int | None]
+
+CHANGED: Final = 1
+AGENT: Final = 2
+INVALID_SHIFT: Final = 2
+
+
+def _load() -> FastApply | None:
+    if os.environ.get("MISSION_RUNNER_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from projections import _speedups
+    except ImportError:
+        return None
+    _speedups.configure(
+        orjson.loads,
+        decode._created_at_us,
+        merge._parse_text,
+        merge.UNSTAMPED,
+        merge._MAX_STAMP_LEN,
+    )
+    apply: FastApply = _speedups.apply
+    return apply
+
+
+APPLY: Final = _load()
+"""`apply(columns, mission_states, mission_dirty, changed_missions, agent_states,
+agent_dirty, changed_agents, lsn, applied_us)`: None (declined, nothing changed) or an int
+of CHANGED | AGENT bits and the invalid-stamp count shifted by INVALID_SHIFT."""

@@ -1,0 +1,238 @@
+"""The compiled fast path (projections._speedups) against the Python path it stands in for.
+
+The same generated rows go through a projector with the fast path and one without; after
+every row both must report the same outcome and hold the same states, dirty sets, live
+counts and bookkeeping. The generator makes mostly rows the fast path takes (updates of
+records that exist) and every kind it must decline.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from projections import fastpath
+from projections.decode import COLUMNS, Value
+from projections.merge import RecordState
+from projections.projector import Outcome, Projector
+from projections.stores import SnapshotStore
+from stream.lsn import Lsn
+from stream.pgoutput import UNCHANGED
+
+IN_ORDER = tuple(range(len(COLUMNS)))
+
+needs_fast_path = pytest.mark.skipif(
+    fastpath.APPLY is None, reason="projections._speedups is not built (no C compiler)"
+)
+
+
+def test_the_fast_path_is_built_where_a_compiler_is() -> None:
+    # Without this, a broken build would quietly leave only the Python path (and skip the
+    # equivalence tests below).
+    compiler = str(sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine")
+    import os
+
+    if os.environ.get("MISSION_RUNNER_PURE_PYTHON", "") not in ("", "0"):
+        pytest.skip("MISSION_RUNNER_PURE_PYTHON is set")
+    assert fastpath.APPLY is not None
+
+
+STAMPS: list[object] = [
+    "2026-04-15T01:00:00.000Z",
+    "2026-04-15T01:00:00Z",  # the same instant, other text
+    "2026-04-15T01:00:00.001Z",
+    "2026-04-15T03:00:00+02:00",
+    "2026-04-15T00:59:59.999999Z",
+    "2026-04-15t01:00:00z",  # invalid: lower case
+    "2026-04-15T01:00:00",  # invalid: naive
+    "x" * 60,  # longer than any stamp
+    "",
+    17,
+    None,
+]
+META_ENTRY = st.one_of(
+    st.sampled_from(STAMPS),
+    st.builds(lambda s: {"at": s, "actor": {"kind": "user"}}, st.sampled_from(STAMPS)),
+    st.just({"actor": {"kind": "user"}}),  # an object without `at`
+)
+FIELDS = ["title", "objective", "cadence", "deletedAt", "id", "__fieldMeta", "n"]
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.text(max_size=3),
+    st.just({"kind": "daily"}),
+    st.just([1, 2]),
+)
+CREATED = [
+    b"2026-04-15 00:00:00+00",
+    b"2026-04-15 00:00:00.5+00",
+    b"2026-04-15 02:00:00+02",
+    b"2026-04-15 01:00:00.000001+00",
+]
+
+
+# Per column, what one corrupted column of an otherwise good row may hold.
+BAD: list[list[Value]] = [
+    [b"", b"\xff", None, UNCHANGED],
+    [b"other", None, UNCHANGED],
+    [b"notes", None, UNCHANGED],
+    [b"", b"\xff", None, UNCHANGED],
+    [b"", b"\xc3", None, UNCHANGED],
+    [b"upsert", b"", None, UNCHANGED],
+    [b"{bad", b"[1]", b"null", b"\xff", None, UNCHANGED],
+    [b"{bad", b"[]", b'"x"', b"\xff", None, UNCHANGED],
+    [b"yesterday", b"", None, UNCHANGED],
+]
+
+
+@st.composite
+def rows(draw: st.DrawFn) -> tuple[Value, ...]:
+    """Mostly good rows of a few records (so most find their record), a fifth with one
+    column corrupted."""
+    table = draw(st.sampled_from([b"aiMissions", b"aiMissions", b"agents"]))
+    fields = FIELDS if draw(st.integers(0, 4)) == 0 else [f for f in FIELDS if f != "deletedAt"]
+    data = draw(st.dictionaries(st.sampled_from(fields), VALUES, max_size=5))
+    meta_kind = draw(st.sampled_from(["all", "all", "all", "some", "none", "not-object"]))
+    if meta_kind == "all":
+        meta: object = {k: draw(META_ENTRY) for k in data}
+    elif meta_kind == "some":
+        meta = {k: draw(META_ENTRY) for k in data if draw(st.booleans())}
+    elif meta_kind == "none":
+        meta = {}
+    else:
+        meta = draw(st.sampled_from([[], "x", None]))
+    columns: list[Value] = [
+        draw(st.sampled_from([b"e1", b"e2", b"e3", "\u00e9v".encode()])),
+        b"ai",
+        table,
+        draw(st.sampled_from([b"m1", b"m2"])),
+        draw(st.sampled_from([b"u1", b"u1", b"u2"])),
+        draw(st.sampled_from([b"update"] * 14 + [b"insert"] * 5 + [b"delete"])),
+        orjson.dumps(data),
+        orjson.dumps(meta),
+        draw(st.sampled_from(CREATED[:4])),
+    ]
+    if draw(st.integers(0, 4)) == 0:
+        i = draw(st.integers(0, len(BAD) - 1))
+        columns[i] = draw(st.sampled_from(BAD[i]))
+    return tuple(columns)
+
+
+def projector(fast: bool) -> Projector:
+    return Projector(missions=SnapshotStore("mission"), agents=SnapshotStore("agent"), fast=fast)
+
+
+def state_of(s: RecordState) -> tuple[object, ...]:
+    return (
+        s.user_id,
+        s.record_id,
+        s.exists,
+        s.deleted,
+        s.values,
+        list(s.values),  # field order too: serialisation follows it
+        s.keys,
+        s.last_lsn,
+        s.last_applied_us,
+    )
+
+
+def store_of(store: SnapshotStore) -> tuple[object, ...]:
+    return (
+        sorted(state_of(s) for s in store),  # type: ignore[type-var]
+        store.live_count(),
+        [(s.user_id, s.record_id) for s in store.take_dirty()],
+    )
+
+
+def outcome_of(o: Outcome) -> tuple[object, ...]:
+    return (
+        o.mission_rows,
+        o.agent_rows,
+        o.foreign_rows,
+        o.invalid_stamps,
+        o.new_records,
+        o.changed_missions,
+        o.changed_agents,
+        [(d.lsn, d.event_id, d.reason, d.raw) for d in o.dead_letters],
+    )
+
+
+@needs_fast_path
+@settings(max_examples=300, deadline=None)
+@given(st.lists(rows(), min_size=1, max_size=30), st.integers(0, 3))
+def test_the_fast_path_does_what_the_python_path_does(
+    batch: list[tuple[Value, ...]], dirty_every: int
+) -> None:
+    fast, slow = projector(True), projector(False)
+    assert fast._fast is not None and slow._fast is None
+    for i, columns in enumerate(batch):
+        lsn = Lsn(1000 + i)
+        commit_us = 1_776_000_000_000_000 + i
+        results = []
+        for p in (fast, slow):
+            outcome = Outcome()
+            p.apply_loaded([columns], IN_ORDER, lsn, commit_us, outcome)
+            results.append(outcome_of(outcome))
+        assert results[0] == results[1], columns
+        if dirty_every and i % dirty_every == 0:
+            # The persister takes dirty states now and then; both must agree after it.
+            assert store_of(fast.missions) == store_of(slow.missions)
+            assert store_of(fast.agents) == store_of(slow.agents)
+    assert store_of(fast.missions) == store_of(slow.missions)
+    assert store_of(fast.agents) == store_of(slow.agents)
+
+
+@needs_fast_path
+def test_the_common_row_takes_the_fast_path() -> None:
+    taken = []
+
+    def counting(*args: object) -> int | None:
+        assert fastpath.APPLY is not None
+        code = fastpath.APPLY(*args)
+        taken.append(code is not None)
+        return code
+
+    p = projector(True)
+    p._fast = counting
+    insert = (b"e1", b"ai", b"aiMissions", b"m1", b"u1", b"insert",
+              b'{"title": "a"}', b"{}", CREATED[0])  # fmt: skip
+    update = (b"e2", b"ai", b"aiMissions", b"m1", b"u1", b"update",
+              b'{"title": "b"}', b'{"title": {"at": "2026-04-15T01:00:00Z"}}',
+              CREATED[0])  # fmt: skip
+    stale = (b"e0", b"ai", b"aiMissions", b"m1", b"u1", b"update",
+             b'{"title": "c"}', b'{"title": {"at": "2026-04-15T00:30:00Z"}}',
+             CREATED[0])  # fmt: skip
+    outcome = Outcome()
+    p.apply_loaded([insert, update, stale], IN_ORDER, Lsn(5), 7, outcome)
+    # The insert creates the record: the Python path; the updates of it: the fast path.
+    assert taken == [False, True, True]
+    state = p.missions.get("u1", "m1")
+    assert state is not None and state.values == {"title": "b"}
+    assert state.last_lsn == Lsn(5) and state.last_applied_us == 7
+    assert outcome.mission_rows == 3 and outcome.changed_missions == [("u1", "m1")] * 2
+
+
+@needs_fast_path
+def test_an_agent_row_that_sets_deleted_at_is_declined() -> None:
+    p = projector(True)
+    create = (b"e1", b"ai", b"agents", b"a1", b"u1", b"insert",
+              b'{"name": "x"}', b"{}", CREATED[0])  # fmt: skip
+    retire = (b"e2", b"ai", b"agents", b"a1", b"u1", b"update",
+              b'{"deletedAt": "2026-04-15T02:00:00Z"}',
+              b'{"deletedAt": {"at": "2026-04-15T02:00:00Z"}}', CREATED[0])  # fmt: skip
+    p.apply_loaded([create], IN_ORDER, Lsn(1), 1, Outcome())
+    assert p.agents.live_count() == 1
+    assert fastpath.APPLY is not None
+    m_states, m_dirty = p.missions.fast_path_parts()
+    a_states, a_dirty = p.agents.fast_path_parts()
+    assert fastpath.APPLY(retire, m_states, m_dirty, [], a_states, a_dirty, [], Lsn(2), 2) is None
+    p.apply_loaded([retire], IN_ORDER, Lsn(2), 2, Outcome())
+    assert p.agents.live_count() == 0
