@@ -1,18 +1,21 @@
-"""Build hook for the one compiled module; everything else is configured in pyproject.toml.
+"""Build hook for the compiled helpers; everything else is configured in pyproject.toml.
 
-`projections._speedups` is optional: without a C compiler the build skips it and the
-projector runs its Python path alone (same results, slower; see projections/fastpath.py).
+Both are optional: without a C compiler the build skips them and the service runs the
+Python functions they stand in for (same results, slower; see stream/speedups.py).
 """
 
 from setuptools import Extension, setup
 
+FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+
 setup(
     ext_modules=[
+        Extension("stream._tuples", ["stream/_tuples.c"], optional=True, extra_compile_args=FLAGS),
         Extension(
             "projections._speedups",
-            sources=["projections/_speedups.c"],
+            ["projections/_speedups.c"],
             optional=True,
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+            extra_compile_args=FLAGS,
+        ),
     ]
 )

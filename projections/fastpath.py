@@ -6,20 +6,20 @@ parsers as the Python path; for any other row it declines and changes nothing, a
 Python path (`decode_columns` + `SnapshotStore.apply`) takes the row. The Python path is
 the definition: `tests/unit/test_fastpath.py` holds the compiled one to it.
 
-The module is optional (setup.py builds it when a C compiler is there). `APPLY` is None
-without it, or when `MISSION_RUNNER_PURE_PYTHON=1` is set, and the projector then runs the
-Python path alone: same snapshots, lower throughput.
+The module is optional (see stream/speedups.py). `APPLY` is None without it, or when
+`MISSION_RUNNER_PURE_PYTHON=1` is set, and the projector then runs the Python path alone:
+same snapshots, lower throughput.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Final
 
 import orjson
 
 from projections import decode, merge
+from stream.speedups import pure_python
 
 FastApply = Callable[..., int | None]
 
@@ -29,7 +29,7 @@ INVALID_SHIFT: Final = 2
 
 
 def _load() -> FastApply | None:
-    if os.environ.get("MISSION_RUNNER_PURE_PYTHON", "") not in ("", "0"):
+    if pure_python():
         return None
     try:
         from projections import _speedups

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from functools import partial
 from typing import Final, TypeAlias, cast
 
 from mission_runner.errors import DecodeError, ProtocolUsageError
@@ -52,6 +53,7 @@ from stream.messages import (
     Unchanged,
     Update,
 )
+from stream.speedups import pure_python
 
 __all__ = [
     "UNCHANGED",
@@ -394,23 +396,12 @@ class PgOutputDecoder:
         of `buf`, read in place (no payload copy, no message object): the hot path.
 
         Returns None unless the message is an Insert outside a stream block that decodes
-        exactly with a column parser already compiled for its width; `decode` must then
-        handle the message, and reject it if it is malformed. Never raises, changes no
-        state, so a caller can always fall back to `decode`.
+        exactly; `decode` must then handle the message, and reject it if it is malformed.
+        Never raises, changes no state, so a caller can always fall back to `decode`.
         """
         if self._in_stream:
             return None
-        try:
-            tag, oid, marker, count = _INSERT_HEAD.unpack_from(buf, pos)
-            parse = _COMPILED.get(count)
-            if parse is None or tag != _INSERT or marker != _NEW:
-                return None
-            new, end = parse(buf, pos + 8)
-        except (IndexError, struct.error, _Malformed):  # the general path reports it
-            return None
-        if end != len(buf):
-            return None
-        return oid, new
+        return _PLAIN_INSERT(buf, pos)
 
     def _decode_other(self, tag: int, buf: bytes) -> tuple[PgOutputMessage, int]:
         if tag in _STREAM_TAGS:
@@ -464,3 +455,37 @@ def _tag_text(payload: bytes) -> str | None:
         return None
     tag = payload[0]
     return chr(tag) if 0x20 < tag < 0x7F else f"\\x{tag:02x}"
+
+
+def _plain_insert_py(buf: bytes, pos: int) -> tuple[int, TupleData] | None:
+    """`PgOutputDecoder.plain_insert` outside a stream block, in Python: the definition
+    `stream._tuples.plain_insert` is held to. Declines (None) a width whose column parser
+    is not compiled yet; `decode` compiles it."""
+    try:
+        tag, oid, marker, count = _INSERT_HEAD.unpack_from(buf, pos)
+        parse = _COMPILED.get(count)
+        if parse is None or tag != _INSERT or marker != _NEW:
+            return None
+        new, end = parse(buf, pos + 8)
+    except (IndexError, struct.error, _Malformed):  # the general path reports it
+        return None
+    if end != len(buf):
+        return None
+    return oid, new
+
+
+def _compiled_plain_insert() -> Callable[[bytes, int], tuple[int, TupleData] | None] | None:
+    if pure_python():
+        return None
+    try:
+        from stream._tuples import plain_insert
+    except ImportError:
+        return None
+
+    compiled: Callable[[bytes, int], tuple[int, TupleData] | None] = partial(
+        plain_insert, UNCHANGED
+    )
+    return compiled
+
+
+_PLAIN_INSERT: Final = _compiled_plain_insert() or _plain_insert_py

@@ -15,6 +15,7 @@ from mission_runner.errors import DecodeError, ProtocolUsageError
 from stream.frames import XLogData, parse_frame
 from stream.lsn import Lsn
 from stream.pgoutput import (
+    _COMPILED,
     UNCHANGED,
     Begin,
     Column,
@@ -31,9 +32,13 @@ from stream.pgoutput import (
     StreamStart,
     StreamStop,
     Truncate,
+    TupleData,
     Type,
     Unchanged,
     Update,
+    _compile_columns,
+    _compiled_plain_insert,
+    _plain_insert_py,
 )
 from tests.data.capture_pgoutput import SYNC_ROWS, load_capture
 
@@ -431,7 +436,9 @@ def test_plain_insert_declines_what_decode_must_handle() -> None:
     assert decoder.plain_insert(payload + b"\x00", 0) is None  # trailing bytes
     assert decoder.plain_insert(payload.replace(b"N", b"X", 1), 0) is None
     assert decoder.plain_insert(b"U" + payload[1:], 0) is None
-    assert decoder.plain_insert(_insert([b"1"] * 1663), 0) is None  # no parser yet
+    wide = _insert([b"1"] * 1663)
+    assert _plain_insert_py(wide, 0) is None  # no parser compiled for the width yet
+    assert decoder.plain_insert(wide, 0) in (None, (16385, (b"1",) * 1663))
     assert decoder.plain_insert(b"", 0) is None
     decoder.decode(START, LSN)
     assert decoder.plain_insert(payload, 0) is None  # in a stream block: xid first
@@ -445,3 +452,86 @@ def test_plain_insert_never_raises(buf: bytes) -> None:
         got = decoder.plain_insert(prefix + buf, 0)
         if got is not None:
             assert decoder.decode(prefix + buf, LSN) == Insert(None, got[0], got[1])
+
+
+# --- the compiled Insert path (stream._tuples) against the Python one -----------------
+
+_compiled = _compiled_plain_insert()
+needs_compiled = pytest.mark.skipif(_compiled is None, reason="stream._tuples is not built")
+
+
+def _both(buf: bytes, pos: int) -> tuple[object, object]:
+    assert _compiled is not None
+    return _compiled(buf, pos), _plain_insert_py(buf, pos)
+
+
+@needs_compiled
+@pytest.mark.parametrize("proto", [1, 2])
+def test_compiled_plain_insert_matches_on_captured_messages(proto: int) -> None:
+    for d in DECODED[proto]:
+        if type(d.message) is Insert:  # the Python path needs the width's parser compiled
+            width = len(d.message.new)
+            _COMPILED.setdefault(width, _compile_columns(width))
+    for d in DECODED[proto]:
+        payload = d.frame.payload
+        for buf, pos in ((payload, 0), (bytes(25) + payload, 25)):
+            c, py = _both(buf, pos)
+            assert c == py
+            for cut in range(pos, len(buf)):  # every truncation
+                assert _both(buf[:cut], pos) == (None, None)
+
+
+VALUE = st.one_of(st.binary(max_size=6), st.none(), st.just(UNCHANGED))
+
+
+@needs_compiled
+@settings(max_examples=500)
+@given(st.lists(VALUE, max_size=12), st.data())
+def test_compiled_plain_insert_matches_on_generated_and_damaged_messages(
+    values: list[bytes | Unchanged | None], data: st.DataObject
+) -> None:
+    payload = _insert(values)
+    _COMPILED.setdefault(len(values), _compile_columns(len(values)))  # for the Python path
+    c, py = _both(payload, 0)
+    assert c == py == (16385, tuple(values))
+    # Damage one byte, or cut, or extend: both decline alike or read alike.
+    i = data.draw(st.integers(0, len(payload) - 1))
+    byte = data.draw(st.integers(0, 255))
+    damaged = payload[:i] + bytes([byte]) + payload[i + 1 :]
+    c, py = _both(damaged, 0)
+    assert c == _decoded_insert(damaged)  # `decode` is the definition of a message
+    if py is not None:
+        assert c == py
+    assert _both(payload + data.draw(st.binary(min_size=1, max_size=3)), 0) == (None, None)
+
+
+def _decoded_insert(buf: bytes) -> tuple[int, TupleData] | None:
+    """What the general decoder (not the Insert fast path `decode` tries first) reads."""
+    try:
+        message, end = PgOutputDecoder(2)._decode_other(buf[0], buf)
+    except Exception:  # the general decoder rejects it (decode turns that into DecodeError)
+        return None
+    if end != len(buf) or type(message) is not Insert:
+        return None
+    return message.relation_oid, message.new
+
+
+@needs_compiled
+@given(st.binary(max_size=80))
+def test_compiled_plain_insert_never_raises(buf: bytes) -> None:
+    assert _compiled is not None
+    for prefix in (b"", b"I", b"I" + struct.pack("!IcH", 7, b"N", 3)):
+        got = _compiled(prefix + buf, 0)
+        assert got == _decoded_insert(prefix + buf)
+
+
+@needs_compiled
+def test_compiled_plain_insert_reads_binary_and_unchanged_columns() -> None:
+    assert _compiled is not None
+    head = b"I" + struct.pack("!I", 16385) + b"N" + struct.pack("!H", 3)
+    payload = head + b"b" + struct.pack("!I", 3) + b"a\x00c" + b"u" + b"n"
+    assert (
+        _compiled(payload, 0) == _decoded_insert(payload) == (16385, (b"a\x00c", UNCHANGED, None))
+    )
+    for kind in b"xTN\x00":  # not a column kind
+        assert _compiled(head + bytes([kind]) + b"un", 0) is None

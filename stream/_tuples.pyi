@@ -1,0 +1,3 @@
+from stream.messages import TupleData, Unchanged
+
+def plain_insert(unchanged: Unchanged, buf: bytes, pos: int, /) -> tuple[int, TupleData] | None: ...
