@@ -97,6 +97,8 @@ class Settings:
     status_interval: float = 10.0
     heartbeat_interval: float = 30.0
     streaming: bool = True
+    # Read again where the compiled helpers load (stream/speedups.py); here it is checked.
+    pure_python: bool = False
     connect_retry: float = 30.0
     reconnect_min_backoff: float = 0.5
     reconnect_max_backoff: float = 30.0
@@ -143,6 +145,7 @@ class Settings:
             status_interval=_duration(env, "MISSION_RUNNER_STATUS_INTERVAL", 10.0, minimum=0.1),
             heartbeat_interval=_duration(env, "MISSION_RUNNER_HEARTBEAT_INTERVAL", 30.0),
             streaming=_bool(env, "MISSION_RUNNER_STREAMING", True),
+            pure_python=_bool(env, "MISSION_RUNNER_PURE_PYTHON", False),
             connect_retry=_duration(env, "MISSION_RUNNER_CONNECT_RETRY", 30.0),
             reconnect_min_backoff=_duration(
                 env, "MISSION_RUNNER_RECONNECT_MIN_BACKOFF", 0.5, minimum=0.01

@@ -12,4 +12,7 @@ import os
 
 
 def pure_python() -> bool:
-    return os.environ.get("MISSION_RUNNER_PURE_PYTHON", "") not in ("", "0")
+    """`MISSION_RUNNER_PURE_PYTHON` is true (`1`, `true`, `yes`, `on`); the service's settings
+    reject a value that is not a boolean at start."""
+    value = os.environ.get("MISSION_RUNNER_PURE_PYTHON", "").strip().lower()
+    return value in ("1", "true", "yes", "on")

@@ -23,6 +23,7 @@ from projections.projector import Outcome, Projector
 from projections.stores import SnapshotStore
 from stream.lsn import Lsn
 from stream.pgoutput import UNCHANGED
+from stream.speedups import pure_python
 
 IN_ORDER = tuple(range(len(COLUMNS)))
 
@@ -37,9 +38,7 @@ def test_the_fast_path_is_built_where_a_compiler_is() -> None:
     compiler = str(sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine")
-    import os
-
-    if os.environ.get("MISSION_RUNNER_PURE_PYTHON", "") not in ("", "0"):
+    if pure_python():
         pytest.skip("MISSION_RUNNER_PURE_PYTHON is set")
     assert fastpath.APPLY is not None
 

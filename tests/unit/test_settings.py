@@ -40,6 +40,7 @@ def test_durations(value: str, seconds: float) -> None:
         ("MISSION_RUNNER_BATCH_MAX_ROWS", "0"),
         ("MISSION_RUNNER_BATCH_MAX_ROWS", "many"),
         ("MISSION_RUNNER_STREAMING", "perhaps"),
+        ("MISSION_RUNNER_PURE_PYTHON", "sometimes"),
         ("LOG_FORMAT", "xml"),
         ("DATABASE_URL", "not a dsn"),
     ],
