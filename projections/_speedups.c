@@ -28,7 +28,7 @@ static long long unstamped = 0;          /* merge.UNSTAMPED */
 static Py_ssize_t max_stamp_len = 0;     /* merge._MAX_STAMP_LEN */
 
 static PyObject *s_exists, *s_deleted, *s_values, *s_keys, *s_last_lsn, *s_last_applied_us;
-static PyObject *s_at, *s_deleted_at;
+static PyObject *s_at, *s_deleted_at, *s_relation;
 
 enum { COL_ID, COL_APP, COL_TABLE, COL_RECORD, COL_USER, COL_OP, COL_DATA, COL_META,
        COL_CREATED, N_COLUMNS };
@@ -42,6 +42,27 @@ static int
 bytes_is(PyObject *b, const char *text, Py_ssize_t n)
 {
     return PyBytes_GET_SIZE(b) == n && memcmp(PyBytes_AS_STRING(b), text, (size_t)n) == 0;
+}
+
+static int
+is_ascii(PyObject *b)
+{
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(b);
+    Py_ssize_t n = PyBytes_GET_SIZE(b);
+    unsigned char any = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        any |= p[i];
+    }
+    return any < 0x80;
+}
+
+/* `name in RESERVED_FIELDS` ("id", "__fieldMeta"). */
+static int
+is_reserved(PyObject *name)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    return (n == 2 && PyUnicode_CompareWithASCIIString(name, "id") == 0)
+           || (n == 11 && PyUnicode_CompareWithASCIIString(name, "__fieldMeta") == 0);
 }
 
 static void
@@ -117,9 +138,8 @@ merge_fields(PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
         if (!PyUnicode_Check(name)) {
             goto fail_type;  /* orjson only makes str keys; never reached */
         }
-        if (PyUnicode_CompareWithASCIIString(name, "id") == 0
-            || PyUnicode_CompareWithASCIIString(name, "__fieldMeta") == 0) {
-            continue;  /* RESERVED_FIELDS */
+        if (is_reserved(name)) {
+            continue;
         }
         PyObject *raw = PyDict_GetItemWithError(meta, name);
         if (raw == NULL && PyErr_Occurred()) {
@@ -225,40 +245,19 @@ fail:
     return -1;
 }
 
-PyDoc_STRVAR(apply_doc,
-"apply(columns, mission_states, mission_dirty, changed_missions, agent_states, agent_dirty,\n"
-"      changed_agents, lsn, applied_us) -> int | None\n"
-"\n"
-"Fold one row (its COLUMNS values) into the stores' states dict, as the Python path would.\n"
-"None: not taken, nothing changed; the caller applies the row the Python way. Otherwise an\n"
-"int: bit 0 set when the record changed (it is then in the dirty dict and its key appended\n"
-"to the changed list, with last_lsn/last_applied_us set), bit 1 set for an agent row, and\n"
-"the number of invalid stamps shifted left by 2.");
-
-static PyObject *
-apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* One row, its COLUMNS values in `col` (borrowed), into the stores: `stores` holds the
+   mission states, dirty dict and changed list, then the agents'. Returns the result code (see
+   `apply`) as a C long >= 0; -1 with an exception set; -2 when declined (nothing changed). */
+static long
+apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *applied_us)
 {
-    if (nargs != 9) {
-        PyErr_Format(PyExc_TypeError, "apply() takes 9 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    if (json_loads == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "projections._speedups is not configured");
-        return NULL;
-    }
-    PyObject *columns = args[0];
-    if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != N_COLUMNS) {
-        Py_RETURN_NONE;
-    }
-    PyObject *col[N_COLUMNS];
     for (int i = 0; i < N_COLUMNS; i++) {
-        col[i] = PyTuple_GET_ITEM(columns, i);
         if (!PyBytes_CheckExact(col[i])) {
-            Py_RETURN_NONE;
+            return -2;
         }
     }
     if (!bytes_is(col[COL_APP], "ai", 2)) {
-        Py_RETURN_NONE;
+        return -2;
     }
     int agent;
     if (bytes_is(col[COL_TABLE], "aiMissions", 10)) {
@@ -268,7 +267,7 @@ apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         agent = 1;
     }
     else {
-        Py_RETURN_NONE;
+        return -2;
     }
     int is_insert;
     if (bytes_is(col[COL_OP], "insert", 6)) {
@@ -278,52 +277,49 @@ apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         is_insert = 0;
     }
     else {
-        Py_RETURN_NONE;  /* deletes (and unknown ops) take the Python path */
+        return -2;  /* deletes (and unknown ops) take the Python path */
     }
     if (PyBytes_GET_SIZE(col[COL_ID]) == 0 || PyBytes_GET_SIZE(col[COL_RECORD]) == 0
         || PyBytes_GET_SIZE(col[COL_USER]) == 0) {
-        Py_RETURN_NONE;
+        return -2;
     }
-    PyObject *states = args[agent ? 4 : 1];
-    PyObject *dirty = args[agent ? 5 : 2];
-    PyObject *changed_list = args[agent ? 6 : 3];
-    PyObject *lsn = args[7];
-    PyObject *applied_us = args[8];
-    if (!PyDict_CheckExact(states) || !PyDict_CheckExact(dirty) || !PyList_Check(changed_list)) {
-        PyErr_SetString(PyExc_TypeError, "apply() needs dicts of states and dirty states and a list");
-        return NULL;
-    }
+    PyObject *states = stores[agent ? 3 : 0];
+    PyObject *dirty = stores[agent ? 4 : 1];
+    PyObject *changed_list = stores[agent ? 5 : 2];
 
     int declined = 0;
     long long created = 0;
     PyObject *user = NULL, *record = NULL, *key = NULL, *state = NULL;
     PyObject *data = NULL, *meta = NULL, *exists = NULL, *deleted = NULL;
-    PyObject *values = NULL, *keys = NULL, *result = NULL;
+    PyObject *values = NULL, *keys = NULL;
+    long result = -1;
 
     PyObject *created_obj = PyObject_CallOneArg(created_at_us, col[COL_CREATED]);
     if (created_obj == NULL) {
-        return NULL;
+        return -1;
     }
     if (created_obj == Py_None) {
         Py_DECREF(created_obj);
-        Py_RETURN_NONE;
+        return -2;
     }
     created = PyLong_AsLongLong(created_obj);
     Py_DECREF(created_obj);
     if (created == -1 && PyErr_Occurred()) {
         if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
-            return NULL;
+            return -1;
         }
         PyErr_Clear();
-        Py_RETURN_NONE;
+        return -2;
     }
     /* The event id must be UTF-8 (the Python path decodes it); its bytes are then the key's
        event part, as `event_id.encode("utf-8", "surrogatepass")` gives them back. */
-    PyObject *event_text = decode_utf8(col[COL_ID], &declined);
-    if (event_text == NULL) {
-        return declined ? Py_NewRef(Py_None) : NULL;
+    if (!is_ascii(col[COL_ID])) {
+        PyObject *event_text = decode_utf8(col[COL_ID], &declined);
+        if (event_text == NULL) {
+            return declined ? -2 : -1;
+        }
+        Py_DECREF(event_text); /* decoded only to validate */
     }
-    Py_DECREF(event_text);  /* decoded only to validate */
     record = decode_utf8(col[COL_RECORD], &declined);
     if (record == NULL) {
         goto done;
@@ -403,8 +399,7 @@ apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
     }
-    result = PyLong_FromLong((changed ? R_CHANGED : 0) | (agent ? R_AGENT : 0)
-                             | (invalid << R_INVALID_SHIFT));
+    result = (changed ? R_CHANGED : 0) | (agent ? R_AGENT : 0) | (invalid << R_INVALID_SHIFT);
 
 done:
     Py_XDECREF(user);
@@ -417,10 +412,174 @@ done:
     Py_XDECREF(deleted);
     Py_XDECREF(values);
     Py_XDECREF(keys);
-    if (result == NULL && declined && !PyErr_Occurred()) {
-        Py_RETURN_NONE;
+    if (result < 0 && declined && !PyErr_Occurred()) {
+        return -2;
     }
     return result;
+}
+
+PyDoc_STRVAR(apply_doc,
+"apply(columns, mission_states, mission_dirty, changed_missions, agent_states, agent_dirty,\n"
+"      changed_agents, lsn, applied_us) -> int | None\n"
+"\n"
+"Fold one row (its COLUMNS values) into the stores' states dict, as the Python path would.\n"
+"None: not taken, nothing changed; the caller applies the row the Python way. Otherwise an\n"
+"int: bit 0 set when the record changed (it is then in the dirty dict and its key appended\n"
+"to the changed list, with last_lsn/last_applied_us set), bit 1 set for an agent row, and\n"
+"the number of invalid stamps shifted left by 2.");
+
+static int
+check_stores(PyObject *const *stores)
+{
+    for (int i = 0; i < 6; i++) {
+        int ok = (i % 3 == 2) ? PyList_Check(stores[i]) : PyDict_CheckExact(stores[i]);
+        if (!ok) {
+            PyErr_SetString(PyExc_TypeError,
+                            "expected the states dict, dirty dict and changed list of both stores");
+            return -1;
+        }
+    }
+    if (json_loads == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "projections._speedups is not configured");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "apply() takes 9 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (check_stores(args + 1) < 0) {
+        return NULL;
+    }
+    PyObject *columns = args[0];
+    if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != N_COLUMNS) {
+        Py_RETURN_NONE;
+    }
+    PyObject *col[N_COLUMNS];
+    for (int i = 0; i < N_COLUMNS; i++) {
+        col[i] = PyTuple_GET_ITEM(columns, i);
+    }
+    long code = apply_columns(col, args + 1, args[7], args[8]);
+    if (code == -1) {
+        return NULL;
+    }
+    if (code == -2) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromLong(code);
+}
+
+PyDoc_STRVAR(apply_inserts_doc,
+"apply_inserts(inserts, start, indexes_of, mission_states, mission_dirty, changed_missions,\n"
+"              agent_states, agent_dirty, changed_agents, lsn, applied_us)\n"
+"    -> (next, mission_rows, agent_rows, invalid_stamps, foreign_rows)\n"
+"\n"
+"`apply` for the rows of a transaction's inserts (RowInsert objects), from `start` on, in\n"
+"order, until one is declined: `next` is its position (the caller applies it the Python\n"
+"way and calls again from the one after), or len(inserts) when all were taken.\n"
+"`indexes_of(relation)` gives the positions of COLUMNS in that relation's tuples, or None\n"
+"for a relation that is not sync_changes (its rows count as foreign).");
+
+static PyObject *
+apply_inserts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "apply_inserts() takes 11 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *inserts = args[0];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *indexes_of = args[2];
+    PyObject *const *stores = args + 3;
+    if (!PyList_CheckExact(inserts) || check_stores(stores) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "apply_inserts() takes a list of inserts");
+        }
+        return NULL;
+    }
+    PyObject *lsn = args[9], *applied_us = args[10];
+    long counts[4] = {0, 0, 0, 0}; /* mission rows, agent rows, invalid stamps, foreign rows */
+    PyObject *relation = NULL;     /* strong: the relation `idx` belongs to */
+    int have_idx = 0;              /* 0: foreign relation */
+    Py_ssize_t idx[N_COLUMNS];
+    Py_ssize_t i = start < 0 ? 0 : start;
+    Py_ssize_t n = PyList_GET_SIZE(inserts);
+    for (; i < n; i++) {
+        PyObject *ins = PyList_GET_ITEM(inserts, i);
+        PyObject *rel = PyObject_GetAttr(ins, s_relation);
+        if (rel == NULL) {
+            goto fail;
+        }
+        if (rel != relation) {
+            PyObject *positions = PyObject_CallOneArg(indexes_of, rel);
+            Py_XSETREF(relation, rel);
+            if (positions == NULL) {
+                goto fail;
+            }
+            have_idx = 0;
+            if (positions != Py_None) {
+                if (!PyTuple_Check(positions) || PyTuple_GET_SIZE(positions) != N_COLUMNS) {
+                    Py_DECREF(positions);
+                    PyErr_SetString(PyExc_TypeError, "indexes_of() must return 9 positions");
+                    goto fail;
+                }
+                for (int k = 0; k < N_COLUMNS; k++) {
+                    idx[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(positions, k));
+                    if (idx[k] == -1 && PyErr_Occurred()) {
+                        Py_DECREF(positions);
+                        goto fail;
+                    }
+                }
+                have_idx = 1;
+            }
+            Py_DECREF(positions);
+        }
+        else {
+            Py_DECREF(rel);
+        }
+        if (!have_idx) {
+            counts[3]++;
+            continue;
+        }
+        PyObject *values = PyObject_GetAttr(ins, s_values);
+        if (values == NULL) {
+            goto fail;
+        }
+        PyObject *col[N_COLUMNS];
+        int picked = PyTuple_CheckExact(values);
+        for (int k = 0; picked && k < N_COLUMNS; k++) {
+            if (idx[k] < 0 || idx[k] >= PyTuple_GET_SIZE(values)) {
+                picked = 0;
+            }
+            else {
+                col[k] = PyTuple_GET_ITEM(values, idx[k]);
+            }
+        }
+        long code = picked ? apply_columns(col, stores, lsn, applied_us) : -2;
+        Py_DECREF(values); /* the row's values live on in the insert, which the list holds */
+        if (code == -1) {
+            goto fail;
+        }
+        if (code == -2) {
+            break;
+        }
+        counts[(code & R_AGENT) ? 1 : 0]++;
+        counts[2] += code >> R_INVALID_SHIFT;
+    }
+    Py_XDECREF(relation);
+    return Py_BuildValue("(nllll)", i, counts[0], counts[1], counts[2], counts[3]);
+
+fail:
+    Py_XDECREF(relation);
+    return NULL;
 }
 
 PyDoc_STRVAR(configure_doc,
@@ -454,6 +613,8 @@ configure(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"apply", (PyCFunction)(void (*)(void))apply, METH_FASTCALL, apply_doc},
+    {"apply_inserts", (PyCFunction)(void (*)(void))apply_inserts, METH_FASTCALL,
+     apply_inserts_doc},
     {"configure", configure, METH_VARARGS, configure_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -476,7 +637,7 @@ PyInit__speedups(void)
     struct { PyObject **slot; const char *text; } names[] = {
         {&s_exists, "exists"}, {&s_deleted, "deleted"}, {&s_values, "values"},
         {&s_keys, "keys"}, {&s_last_lsn, "last_lsn"}, {&s_last_applied_us, "last_applied_us"},
-        {&s_at, "at"}, {&s_deleted_at, "deletedAt"},
+        {&s_at, "at"}, {&s_deleted_at, "deletedAt"}, {&s_relation, "relation"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL) {

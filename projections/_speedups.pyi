@@ -20,3 +20,17 @@ def apply(
     applied_us: int,
     /,
 ) -> int | None: ...
+def apply_inserts(
+    inserts: list[object],
+    start: int,
+    indexes_of: Callable[[object], tuple[int, ...] | None],
+    mission_states: dict[tuple[str, str], object],
+    mission_dirty: dict[tuple[str, str], object],
+    changed_missions: list[tuple[str, str]],
+    agent_states: dict[tuple[str, str], object],
+    agent_dirty: dict[tuple[str, str], object],
+    changed_agents: list[tuple[str, str]],
+    lsn: object,
+    applied_us: int,
+    /,
+) -> tuple[int, int, int, int, int]: ...

@@ -22,13 +22,14 @@ from projections import decode, merge
 from stream.speedups import pure_python
 
 FastApply = Callable[..., int | None]
+FastApplyInserts = Callable[..., tuple[int, int, int, int, int]]
 
 CHANGED: Final = 1
 AGENT: Final = 2
 INVALID_SHIFT: Final = 2
 
 
-def _load() -> FastApply | None:
+def _load() -> tuple[FastApply, FastApplyInserts] | None:
     if pure_python():
         return None
     try:
@@ -42,11 +43,18 @@ def _load() -> FastApply | None:
         merge.UNSTAMPED,
         merge._MAX_STAMP_LEN,
     )
-    apply: FastApply = _speedups.apply
-    return apply
+    return _speedups.apply, _speedups.apply_inserts
 
 
-APPLY: Final = _load()
+_LOADED: Final = _load()
+
+APPLY: Final[FastApply | None] = _LOADED[0] if _LOADED else None
 """`apply(columns, mission_states, mission_dirty, changed_missions, agent_states,
 agent_dirty, changed_agents, lsn, applied_us)`: None (declined, nothing changed) or an int
 of CHANGED | AGENT bits and the invalid-stamp count shifted by INVALID_SHIFT."""
+
+APPLY_INSERTS: Final[FastApplyInserts | None] = _LOADED[1] if _LOADED else None
+"""`apply_inserts(inserts, start, indexes_of, <the six store arguments of APPLY>, lsn,
+applied_us)`: APPLY over a transaction's RowInserts from `start` on, stopping at the first
+row it declines; returns `(next, mission_rows, agent_rows, invalid_stamps, foreign_rows)`,
+`next` being the declined row's position (or the end)."""

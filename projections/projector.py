@@ -64,33 +64,43 @@ class Projector:
         self.agents = agents
         self.applied_lsn = applied_lsn
         self.applied_commit_time_us = applied_commit_time_us
-        # Relation OID -> the Relation last seen and how to pick COLUMNS from its tuples
-        # (None: not sync_changes, or it lacks a column we read).
-        self._relations: dict[int, tuple[Relation, Picker | None]] = {}
+        # Relation OID -> the Relation last seen, the positions of COLUMNS in its tuples and
+        # how to pick them (None: not sync_changes, or it lacks a column we read).
+        self._relations: dict[int, tuple[Relation, tuple[int, ...] | None, Picker | None]] = {}
         self._fast = fastpath.APPLY if fast else None
+        self._fast_inserts = fastpath.APPLY_INSERTS if fast else None
 
     def already_applied(self, tx: CommittedTransaction) -> bool:
         return tx.commit_lsn < self.applied_lsn
 
-    def _picker(self, relation: Relation) -> Picker | None:
+    def _relation(self, relation: Relation) -> tuple[tuple[int, ...] | None, Picker | None]:
         cached = self._relations.get(relation.oid)
         if cached is not None and cached[0] is relation:
-            return cached[1]
-        pick = None
+            return cached[1], cached[2]
+        idx = pick = None
         if relation.name == "sync_changes":
             idx = column_indexes(tuple(c.name for c in relation.columns))
             if idx is not None:
                 pick = picker(idx)
-        self._relations[relation.oid] = (relation, pick)
-        return pick
+        self._relations[relation.oid] = (relation, idx, pick)
+        return idx, pick
+
+    def _picker(self, relation: Relation) -> Picker | None:
+        return self._relation(relation)[1]
+
+    def _indexes(self, relation: Relation) -> tuple[int, ...] | None:
+        return self._relation(relation)[0]
 
     def apply_transaction(self, tx: CommittedTransaction) -> Outcome | None:
         """Apply a committed transaction; None when it was applied before (skipped)."""
         if self.already_applied(tx):
             return None
         outcome = Outcome()
-        rows = self._columns_of(tx.inserts, outcome)
-        self._apply_columns(rows, tx.commit_lsn, tx.commit_time_us, outcome)
+        if self._fast_inserts is not None:
+            self._apply_inserts_fast(tx.inserts, tx.commit_lsn, tx.commit_time_us, outcome)
+        else:
+            rows = self._columns_of(tx.inserts, outcome)
+            self._apply_columns(rows, tx.commit_lsn, tx.commit_time_us, outcome)
         self.applied_lsn = tx.end_lsn
         self.applied_commit_time_us = tx.commit_time_us
         return outcome
@@ -128,19 +138,55 @@ class Projector:
             else:
                 yield pick(ins.values)
 
+    def _apply_inserts_fast(
+        self, inserts: list[RowInsert], lsn: Lsn, commit_time_us: int, outcome: Outcome
+    ) -> None:
+        """`_columns_of` + `_apply_columns`, with the compiled loop taking the rows it can in
+        runs and the Python path each row it declines, in order."""
+        apply_inserts = self._fast_inserts
+        assert apply_inserts is not None
+        m_states, m_dirty = self.missions.fast_path_parts()
+        a_states, a_dirty = self.agents.fast_path_parts()
+        position, end = 0, len(inserts)
+        while position < end:
+            position, missions, agents, invalid, foreign = apply_inserts(
+                inserts,
+                position,
+                self._indexes,
+                m_states,
+                m_dirty,
+                outcome.changed_missions,
+                a_states,
+                a_dirty,
+                outcome.changed_agents,
+                lsn,
+                commit_time_us,
+            )
+            outcome.mission_rows += missions
+            outcome.agent_rows += agents
+            outcome.invalid_stamps += invalid
+            outcome.foreign_rows += foreign
+            if position < end:  # declined: a sync_changes row the Python path decides
+                ins = inserts[position]
+                pick = self._picker(ins.relation)
+                assert pick is not None
+                self._apply_columns((pick(ins.values),), lsn, commit_time_us, outcome, False)
+                position += 1
+
     def _apply_columns(
         self,
         rows: Iterable[tuple[Value, ...]],
         lsn: Lsn,
         commit_time_us: int,
         outcome: Outcome,
+        use_fast: bool = True,
     ) -> None:
         # The hot loop of ingest: every streamed row passes here, so the stores and lists
         # are held in locals. A row's state records the LSN and commit time of the
         # transaction that last changed it (its bookkeeping, set by the store).
         missions, agents = self.missions, self.agents
         changed_missions, changed_agents = outcome.changed_missions, outcome.changed_agents
-        fast = self._fast
+        fast = self._fast if use_fast else None
         agent_bit, shift = fastpath.AGENT, fastpath.INVALID_SHIFT
         if fast is not None:
             m_states, m_dirty = missions.fast_path_parts()

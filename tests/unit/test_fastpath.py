@@ -22,8 +22,9 @@ from projections.merge import RecordState
 from projections.projector import Outcome, Projector
 from projections.stores import SnapshotStore
 from stream.lsn import Lsn
-from stream.pgoutput import UNCHANGED
+from stream.pgoutput import UNCHANGED, Column, Relation, TupleData
 from stream.speedups import pure_python
+from stream.transactions import CommittedTransaction, RowInsert
 
 IN_ORDER = tuple(range(len(COLUMNS)))
 
@@ -235,3 +236,58 @@ def test_an_agent_row_that_sets_deleted_at_is_declined() -> None:
     assert fastpath.APPLY(retire, m_states, m_dirty, [], a_states, a_dirty, [], Lsn(2), 2) is None
     p.apply_loaded([retire], IN_ORDER, Lsn(2), 2, Outcome())
     assert p.agents.live_count() == 0
+
+
+# sync_changes as pgoutput describes it (table order, more columns than we read), and a
+# table of another service whose rows the projector counts as foreign.
+_NAMES = ("id", "app_id", "table_name", "record_id", "user_id", "op", "data", "field_meta",
+          "client_id", "created_at", "schema_version", "actor", "origin", "space_id")  # fmt: skip
+SYNC = Relation(
+    None, 16400, "public", "sync_changes", "d", tuple(Column(0, n, 25, -1) for n in _NAMES)
+)
+ITEMS = Relation(None, 16500, "public", "items", "d", (Column(1, "id", 23, -1),))
+
+
+def _as_sync_tuple(columns: tuple[Value, ...]) -> TupleData:
+    by_name = dict(zip(COLUMNS, columns, strict=True))
+    return tuple(by_name.get(n, b"x") for n in _NAMES)  # type: ignore[misc]
+
+
+INSERTS = st.lists(
+    st.one_of(
+        rows().map(lambda c: RowInsert(SYNC, _as_sync_tuple(c))),
+        st.just(RowInsert(ITEMS, (b"1",))),
+    ),
+    max_size=40,
+)
+
+
+@needs_fast_path
+@settings(max_examples=300, deadline=None)
+@given(st.lists(INSERTS, min_size=1, max_size=4))
+def test_the_compiled_transaction_loop_does_what_the_python_path_does(
+    transactions: list[list[RowInsert]],
+) -> None:
+    fast, slow = projector(True), projector(False)
+    assert fast._fast_inserts is not None and slow._fast_inserts is None
+    for n, inserts in enumerate(transactions):
+        commit = Lsn(100 * (n + 1))
+        tx = CommittedTransaction(
+            xid=n + 1,
+            commit_lsn=commit,
+            end_lsn=Lsn(commit + 10),
+            commit_time_us=1_776_000_000_000_000 + n,
+            inserts=inserts,
+            other_changes=[],
+            messages=[],
+            origin=None,
+            streamed=False,
+        )
+        results = []
+        for p in (fast, slow):
+            outcome = p.apply_transaction(tx)
+            assert outcome is not None
+            results.append(outcome_of(outcome))
+        assert results[0] == results[1]
+        assert store_of(fast.missions) == store_of(slow.missions)
+        assert store_of(fast.agents) == store_of(slow.agents)
