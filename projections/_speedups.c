@@ -19,6 +19,10 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#ifndef Py_T_OBJECT_EX /* before Python 3.12 */
+#include <structmember.h>
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#endif
 
 /* Set by configure(); strong references for the life of the process. */
 static PyObject *json_loads = NULL;      /* orjson.loads */
@@ -29,6 +33,62 @@ static Py_ssize_t max_stamp_len = 0;     /* merge._MAX_STAMP_LEN */
 
 static PyObject *s_exists, *s_deleted, *s_values, *s_keys, *s_last_lsn, *s_last_applied_us;
 static PyObject *s_at, *s_deleted_at, *s_relation;
+
+/* Slot offsets of RecordState and RowInsert (from their member descriptors, by configure),
+   to read and write those attributes without the attribute machinery. An object of any
+   other type, or a slot that is not set, goes through PyObject_GetAttr/SetAttr. */
+static PyTypeObject *state_type = NULL, *insert_type = NULL;
+enum { SLOT_EXISTS, SLOT_DELETED, SLOT_VALUES, SLOT_KEYS, SLOT_LAST_LSN, SLOT_LAST_APPLIED,
+       SLOT_RELATION, SLOT_ROW_VALUES, N_SLOTS };
+static Py_ssize_t slot_offset[N_SLOTS] = {-1, -1, -1, -1, -1, -1, -1, -1};
+
+static PyObject *
+get_slot(PyObject *obj, PyTypeObject *type, int slot, PyObject *name)
+{
+    Py_ssize_t off = slot_offset[slot];
+    if (Py_TYPE(obj) == type && off >= 0) {
+        PyObject *v = *(PyObject **)((char *)obj + off);
+        if (v != NULL) {
+            return Py_NewRef(v);
+        }
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+static int
+set_slot(PyObject *obj, PyTypeObject *type, int slot, PyObject *name, PyObject *v)
+{
+    Py_ssize_t off = slot_offset[slot];
+    if (Py_TYPE(obj) == type && off >= 0) {
+        PyObject **p = (PyObject **)((char *)obj + off);
+        PyObject *old = *p;
+        *p = Py_NewRef(v);
+        Py_XDECREF(old);
+        return 0;
+    }
+    return PyObject_SetAttr(obj, name, v);
+}
+
+/* The offset of a Python-level slot, from the class's member descriptor; -1 if it is not
+   one. */
+static Py_ssize_t
+member_offset(PyTypeObject *type, const char *name)
+{
+    PyObject *d = PyObject_GetAttrString((PyObject *)type, name);
+    Py_ssize_t off = -1;
+    if (d == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type == Py_T_OBJECT_EX && !(m->flags & READONLY)) {
+            off = m->offset;
+        }
+    }
+    Py_DECREF(d);
+    return off;
+}
 
 enum { COL_ID, COL_APP, COL_TABLE, COL_RECORD, COL_USER, COL_OP, COL_DATA, COL_META,
        COL_CREATED, N_COLUMNS };
@@ -358,11 +418,11 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
         goto done;
     }
     Py_INCREF(state);
-    exists = PyObject_GetAttr(state, s_exists);
+    exists = get_slot(state, state_type, SLOT_EXISTS, s_exists);
     if (exists == NULL) {
         goto done;
     }
-    deleted = PyObject_GetAttr(state, s_deleted);
+    deleted = get_slot(state, state_type, SLOT_DELETED, s_deleted);
     if (deleted == NULL) {
         goto done;
     }
@@ -373,11 +433,11 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
     long invalid = 0;
     int changed = 0;
     if (PyDict_GET_SIZE(data) > 0) {
-        values = PyObject_GetAttr(state, s_values);
+        values = get_slot(state, state_type, SLOT_VALUES, s_values);
         if (values == NULL) {
             goto done;
         }
-        keys = PyObject_GetAttr(state, s_keys);
+        keys = get_slot(state, state_type, SLOT_KEYS, s_keys);
         if (keys == NULL) {
             goto done;
         }
@@ -393,8 +453,8 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
     }
     if (changed) {
         if (PyDict_SetItem(dirty, key, state) < 0
-            || PyObject_SetAttr(state, s_last_lsn, lsn) < 0
-            || PyObject_SetAttr(state, s_last_applied_us, applied_us) < 0
+            || set_slot(state, state_type, SLOT_LAST_LSN, s_last_lsn, lsn) < 0
+            || set_slot(state, state_type, SLOT_LAST_APPLIED, s_last_applied_us, applied_us) < 0
             || PyList_Append(changed_list, key) < 0) {
             goto done;
         }
@@ -514,7 +574,7 @@ apply_inserts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = PyList_GET_SIZE(inserts);
     for (; i < n; i++) {
         PyObject *ins = PyList_GET_ITEM(inserts, i);
-        PyObject *rel = PyObject_GetAttr(ins, s_relation);
+        PyObject *rel = get_slot(ins, insert_type, SLOT_RELATION, s_relation);
         if (rel == NULL) {
             goto fail;
         }
@@ -549,7 +609,7 @@ apply_inserts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             counts[3]++;
             continue;
         }
-        PyObject *values = PyObject_GetAttr(ins, s_values);
+        PyObject *values = get_slot(ins, insert_type, SLOT_ROW_VALUES, s_values);
         if (values == NULL) {
             goto fail;
         }
@@ -583,17 +643,21 @@ fail:
 }
 
 PyDoc_STRVAR(configure_doc,
-"configure(loads, created_at_us, parse_stamp, unstamped, max_stamp_len)\n"
+"configure(loads, created_at_us, parse_stamp, unstamped, max_stamp_len, record_state,\n"
+"          row_insert)\n"
 "\n"
-"Hand over the Python functions and constants the fast path shares with the Python path.");
+"Hand over the Python functions and constants the fast path shares with the Python path,\n"
+"and the classes whose slots it reads and writes directly.");
 
 static PyObject *
 configure(PyObject *self, PyObject *args)
 {
     PyObject *loads, *created, *parse;
+    PyTypeObject *state_cls, *insert_cls;
     long long unst;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTuple(args, "OOOLn:configure", &loads, &created, &parse, &unst, &max_len)) {
+    if (!PyArg_ParseTuple(args, "OOOLnO!O!:configure", &loads, &created, &parse, &unst,
+                          &max_len, &PyType_Type, &state_cls, &PyType_Type, &insert_cls)) {
         return NULL;
     }
     if (!PyCallable_Check(loads) || !PyCallable_Check(created) || !PyCallable_Check(parse)) {
@@ -608,10 +672,36 @@ configure(PyObject *self, PyObject *args)
     Py_XSETREF(parse_stamp, parse);
     unstamped = unst;
     max_stamp_len = max_len;
+    Py_INCREF(state_cls);
+    Py_XSETREF(state_type, state_cls);
+    Py_INCREF(insert_cls);
+    Py_XSETREF(insert_type, insert_cls);
+    static const char *names[N_SLOTS] = {"exists", "deleted", "values", "keys", "last_lsn",
+                                         "last_applied_us", "relation", "values"};
+    for (int i = 0; i < N_SLOTS; i++) {
+        slot_offset[i] = member_offset(i < SLOT_RELATION ? state_cls : insert_cls, names[i]);
+    }
     Py_RETURN_NONE;
 }
 
+static PyObject *
+slot_offsets(PyObject *self, PyObject *unused)
+{
+    PyObject *t = PyTuple_New(N_SLOTS);
+    for (int i = 0; t != NULL && i < N_SLOTS; i++) {
+        PyObject *v = PyLong_FromSsize_t(slot_offset[i]);
+        if (v == NULL) {
+            Py_CLEAR(t);
+            break;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
 static PyMethodDef methods[] = {
+    {"slot_offsets", slot_offsets, METH_NOARGS,
+     "The slot offsets configure() found (-1: read through getattr), for tests."},
     {"apply", (PyCFunction)(void (*)(void))apply, METH_FASTCALL, apply_doc},
     {"apply_inserts", (PyCFunction)(void (*)(void))apply_inserts, METH_FASTCALL,
      apply_inserts_doc},

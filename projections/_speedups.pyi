@@ -6,6 +6,8 @@ def configure(
     parse_stamp: Callable[[str], int | None],
     unstamped: int,
     max_stamp_len: int,
+    record_state: type,
+    row_insert: type,
     /,
 ) -> None: ...
 def apply(
@@ -34,3 +36,4 @@ def apply_inserts(
     applied_us: int,
     /,
 ) -> tuple[int, int, int, int, int]: ...
+def slot_offsets() -> tuple[int, ...]: ...

@@ -20,6 +20,7 @@ import orjson
 
 from projections import decode, merge
 from stream.speedups import pure_python
+from stream.transactions import RowInsert
 
 FastApply = Callable[..., int | None]
 FastApplyInserts = Callable[..., tuple[int, int, int, int, int]]
@@ -42,6 +43,8 @@ def _load() -> tuple[FastApply, FastApplyInserts] | None:
         merge._parse_text,
         merge.UNSTAMPED,
         merge._MAX_STAMP_LEN,
+        merge.RecordState,
+        RowInsert,
     )
     return _speedups.apply, _speedups.apply_inserts
 

@@ -44,6 +44,13 @@ def test_the_fast_path_is_built_where_a_compiler_is() -> None:
     assert fastpath.APPLY is not None
 
 
+@needs_fast_path
+def test_the_fast_path_reads_the_slots_directly() -> None:
+    from projections import _speedups
+
+    assert all(offset > 0 for offset in _speedups.slot_offsets())
+
+
 STAMPS: list[object] = [
     "2026-04-15T01:00:00.000Z",
     "2026-04-15T01:00:00Z",  # the same instant, other text
