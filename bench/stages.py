@@ -10,7 +10,10 @@ once applied, a decoded row once merged):
                (frame codec, pgoutput decoder, transaction assembler)
     decode     a row's tuple -> ChangeRow (picking the columns, `decode_columns`)
     merge      SnapshotStore.apply: ChangeRow -> merged record states
-    project    Projector.apply_transaction: decode + merge + bookkeeping, per row
+    project    Projector.apply_transaction: decode + merge + bookkeeping, per row; through
+               the compiled fast path when it is built (decode and merge above time the
+               Python functions it stands in for); MISSION_RUNNER_PURE_PYTHON=1 times the
+               Python path alone here and in `stream`
     serialize  persistence.serialize, per dirty record (µs/record)
     persist    persistence.write_batch into the benchmark database, per record
                (client and server time together, µs/record)

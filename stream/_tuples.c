@@ -6,7 +6,8 @@
  * unit test holds this to): the relation OID and the new tuple's values, or None for
  * anything that is not one exact, well-formed Insert with a new tuple, so that the general
  * decoder takes the message and reports what is wrong with it. It never raises for bad
- * input.
+ * input. `insert_frame` does the same for the Insert of an XLogData frame and hands the row
+ * to the open transaction, as the reader's fused path does (stream/reader.py).
  *
  * Message layout (PostgreSQL "Logical Replication Message Formats"): Byte1('I'),
  * Int32 relation OID, Byte1('N'), Int16 column count, then per column a kind byte: 'n'
@@ -17,7 +18,14 @@
 #include <Python.h>
 #include <stdint.h>
 
+#ifndef Py_T_OBJECT_EX /* before Python 3.12 */
+#include <structmember.h>
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#endif
+
 #define MAX_COLUMNS 1664 /* MaxTupleAttributeNumber */
+#define XLOG_PAYLOAD_AT 25 /* 'w', WAL start, WAL end, send time */
+#define WAL_END_AT 9
 
 static uint32_t
 be32(const unsigned char *p)
@@ -25,39 +33,20 @@ be32(const unsigned char *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
-PyDoc_STRVAR(plain_insert_doc,
-"plain_insert(unchanged, buf, pos) -> (relation_oid, values) | None\n"
-"\n"
-"The Insert message from buf[pos] to the end of buf: its relation OID and new tuple\n"
-"(bytes for 't' and 'b', None for 'n', `unchanged` for 'u'), or None when it is not\n"
-"exactly one well-formed Insert with a new tuple.");
-
+/* The Insert at buf[pos:n]: sets *oid and returns its values (a new tuple); NULL without an
+   exception when it is not exactly one well-formed Insert with a new tuple. */
 static PyObject *
-plain_insert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+read_insert(const unsigned char *p, Py_ssize_t n, Py_ssize_t pos, PyObject *unchanged,
+            uint32_t *oid)
 {
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "plain_insert() takes 3 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *unchanged = args[0];
-    PyObject *buf = args[1];
-    if (!PyBytes_Check(buf)) {
-        Py_RETURN_NONE;
-    }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
-    if (pos == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(buf);
-    Py_ssize_t n = PyBytes_GET_SIZE(buf);
     if (pos < 0 || pos > n || n - pos < 8 || p[pos] != 'I' || p[pos + 5] != 'N') {
-        Py_RETURN_NONE;
+        return NULL;
     }
-    uint32_t oid = be32(p + pos + 1);
+    *oid = be32(p + pos + 1);
     Py_ssize_t count = ((Py_ssize_t)p[pos + 6] << 8) | p[pos + 7];
     Py_ssize_t off = pos + 8;
     if (count > MAX_COLUMNS || count > n - off) { /* a column takes at least one byte */
-        Py_RETURN_NONE;
+        return NULL;
     }
     PyObject *values = PyTuple_New(count);
     if (values == NULL) {
@@ -98,8 +87,43 @@ plain_insert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         PyTuple_SET_ITEM(values, i, item);
     }
-    if (off != n) {
-        goto decline;
+    if (off == n) {
+        return values;
+    }
+decline:
+    Py_DECREF(values); /* unset items are NULL, which tuple deallocation skips */
+    return NULL;
+}
+
+PyDoc_STRVAR(plain_insert_doc,
+"plain_insert(unchanged, buf, pos) -> (relation_oid, values) | None\n"
+"\n"
+"The Insert message from buf[pos] to the end of buf: its relation OID and new tuple\n"
+"(bytes for 't' and 'b', None for 'n', `unchanged` for 'u'), or None when it is not\n"
+"exactly one well-formed Insert with a new tuple.");
+
+static PyObject *
+plain_insert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "plain_insert() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyBytes_Check(args[1])) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    uint32_t oid;
+    PyObject *values = read_insert((const unsigned char *)PyBytes_AS_STRING(args[1]),
+                                   PyBytes_GET_SIZE(args[1]), pos, args[0], &oid);
+    if (values == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
     }
     PyObject *relation = PyLong_FromUnsignedLong(oid);
     if (relation == NULL) {
@@ -110,14 +134,116 @@ plain_insert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(relation);
     Py_DECREF(values);
     return result;
+}
 
-decline:
-    Py_DECREF(values); /* unset items are NULL, which tuple deallocation skips */
-    Py_RETURN_NONE;
+/* RowInsert's slot offsets, looked up once per class. */
+static PyTypeObject *row_insert_type = NULL;
+static Py_ssize_t row_relation_at = -1, row_values_at = -1;
+
+static Py_ssize_t
+member_offset(PyTypeObject *type, const char *name)
+{
+    PyObject *d = PyObject_GetAttrString((PyObject *)type, name);
+    Py_ssize_t off = -1;
+    if (d == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type == Py_T_OBJECT_EX) {
+            off = m->offset;
+        }
+    }
+    Py_DECREF(d);
+    return off;
+}
+
+PyDoc_STRVAR(insert_frame_doc,
+"insert_frame(unchanged, buf, relations, inserts, row_insert) -> wal_end | None\n"
+"\n"
+"An XLogData frame carrying one plain Insert (outside a stream block: the caller checks),\n"
+"read in place: appends row_insert(relation, values) to `inserts`, the relation being\n"
+"relations[oid], and returns the frame's WAL end. None, having done nothing, when the frame\n"
+"is not exactly that or the relation was never described.");
+
+static PyObject *
+insert_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "insert_frame() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *buf = args[1], *relations = args[2], *inserts = args[3];
+    PyTypeObject *type = (PyTypeObject *)args[4];
+    if (!PyType_Check(args[4]) || !PyDict_Check(relations) || !PyList_Check(inserts)) {
+        PyErr_SetString(PyExc_TypeError, "insert_frame() takes a dict, a list and a class");
+        return NULL;
+    }
+    if (type != row_insert_type) {
+        Py_ssize_t rel_at = member_offset(type, "relation");
+        Py_ssize_t val_at = member_offset(type, "values");
+        if (rel_at < 0 || val_at < 0 || type->tp_itemsize != 0) {
+            PyErr_SetString(PyExc_TypeError, "row_insert must be a slotted class");
+            return NULL;
+        }
+        Py_INCREF(type);
+        Py_XSETREF(row_insert_type, type);
+        row_relation_at = rel_at;
+        row_values_at = val_at;
+    }
+    if (!PyBytes_Check(buf)) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(buf);
+    Py_ssize_t n = PyBytes_GET_SIZE(buf);
+    if (n < XLOG_PAYLOAD_AT + 8 || p[0] != 'w') {
+        Py_RETURN_NONE;
+    }
+    uint32_t oid;
+    PyObject *values = read_insert(p, n, XLOG_PAYLOAD_AT, args[0], &oid);
+    if (values == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *key = PyLong_FromUnsignedLong(oid);
+    if (key == NULL) {
+        Py_DECREF(values);
+        return NULL;
+    }
+    PyObject *relation = PyDict_GetItemWithError(relations, key); /* borrowed */
+    Py_DECREF(key);
+    if (relation == NULL) {
+        Py_DECREF(values);
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *row = type->tp_alloc(type, 0); /* what object.__new__(RowInsert) does */
+    if (row == NULL) {
+        Py_DECREF(values);
+        return NULL;
+    }
+    *(PyObject **)((char *)row + row_relation_at) = Py_NewRef(relation);
+    *(PyObject **)((char *)row + row_values_at) = values; /* the reference moves */
+    int err = PyList_Append(inserts, row);
+    Py_DECREF(row);
+    if (err < 0) {
+        return NULL;
+    }
+    uint64_t end = 0;
+    for (int i = 0; i < 8; i++) {
+        end = (end << 8) | p[WAL_END_AT + i];
+    }
+    return PyLong_FromUnsignedLongLong(end);
 }
 
 static PyMethodDef methods[] = {
     {"plain_insert", (PyCFunction)(void (*)(void))plain_insert, METH_FASTCALL, plain_insert_doc},
+    {"insert_frame", (PyCFunction)(void (*)(void))insert_frame, METH_FASTCALL, insert_frame_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,7 +29,7 @@ Invariants the consumer relies on:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, TypeAlias
@@ -52,8 +52,11 @@ from stream.messages import (
     Truncate,
     TupleData,
     Type,
+    Unchanged,
     Update,
 )
+from stream.messages import UNCHANGED
+from stream.speedups import pure_python
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,23 @@ class TransactionAssembler:
         self._buffered_rows += 1
         return True
 
+    def add_insert_frame(self, buf: bytes) -> int | None:
+        """`add_insert` for the Insert of an XLogData frame, read in place by the compiled
+        `stream._tuples.insert_frame`: the frame's WAL end once the row is buffered in the
+        open plain transaction. None, having done nothing, when the compiled helper is not
+        in use or declines (the frame is not one well-formed Insert, no plain transaction
+        is open, the relation was never described): the caller then takes the general path.
+        The caller makes sure no stream block is open (its Inserts carry an xid first)."""
+        open_txn = self._open
+        if open_txn is None or _INSERT_FRAME is None:
+            return None
+        end = _INSERT_FRAME(UNCHANGED, buf, self._relations, open_txn.inserts, RowInsert)
+        if end is None:
+            return None
+        open_txn.rows += 1
+        self._buffered_rows += 1
+        return end
+
     def _relation(self, oid: int, lsn: Lsn, tag: str) -> Relation:
         relation = self._relations.get(oid)
         if relation is None:
@@ -370,3 +390,23 @@ _set_row_values: Final = RowInsert.__dict__["values"].__set__
 
 def _is_row(change: _Buffered) -> bool:
     return type(change) is not Truncate and type(change) is not LogicalMessage
+
+
+_InsertFrame: TypeAlias = Callable[
+    [Unchanged, bytes, dict[int, Relation], list[RowInsert], type[RowInsert]], int | None
+]
+
+
+def _compiled_insert_frame() -> _InsertFrame | None:
+    if pure_python():
+        return None
+    try:
+        from stream._tuples import insert_frame
+    except ImportError:
+        return None
+    return insert_frame
+
+
+_INSERT_FRAME: Final = _compiled_insert_frame()
+COMPILED_INSERT_FRAMES: Final = _INSERT_FRAME is not None
+"""Whether `add_insert_frame` can take frames (the compiled helper is built and in use)."""

@@ -4,6 +4,7 @@ assembler one after the other) on captured streams, corrupted frames and protoco
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mission_runner.errors import DecodeError
+from stream import reader as reader_module
+from stream import transactions
 from stream.frames import XLOG_PAYLOAD_AT, PrimaryKeepalive, XLogData, parse_frame
 from stream.lsn import Lsn
 from stream.pgoutput import PgOutputDecoder
@@ -43,6 +46,18 @@ class GeneralPath:
 class Outcome:
     output: ReaderOutput
     error: tuple[str, int | None, str | None] | None
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "python"])
+def fused_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs on both fused Insert paths: the compiled one (when built) and
+    the Python one (`plain_insert` + `add_insert`)."""
+    if request.param == "compiled" and not transactions.COMPILED_INSERT_FRAMES:
+        pytest.skip("stream._tuples is not built")
+    saved = reader_module.COMPILED_INSERT_FRAMES
+    reader_module.COMPILED_INSERT_FRAMES = request.param == "compiled"  # type: ignore[misc]
+    yield request.param
+    reader_module.COMPILED_INSERT_FRAMES = saved  # type: ignore[misc]
 
 
 def run(feed: object, buf: bytes) -> Outcome:
@@ -188,3 +203,17 @@ def test_garbage_frames_give_an_output_or_decode_error(buf: bytes) -> None:
             FrameReader(2).feed(prefix + buf)
         except DecodeError:
             pass
+
+
+@pytest.mark.parametrize("proto", [1, 2])
+def test_the_received_position_is_the_frames_wal_end(proto: int) -> None:
+    # The server sends equal WAL start and end in XLogData; a frame whose two differ must
+    # still advance the received position to its WAL end, as the general path does.
+    index = INSERTS[proto][0]
+    buf = CAPTURES[proto][index]
+    (start,) = struct.unpack_from("!Q", buf, 1)
+    end = start + 0x100  # beyond every position received before
+    moved = buf[:9] + struct.pack("!Q", end) + buf[17:]
+    reader, general = _prefix_until(proto, index)
+    assert run(reader.feed, moved) == run(general.feed, moved)
+    assert reader.received_lsn == general.received == end
