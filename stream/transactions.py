@@ -37,6 +37,7 @@ from typing import Final, TypeAlias
 from mission_runner.errors import DecodeError
 from stream.lsn import Lsn
 from stream.messages import (
+    UNCHANGED,
     Begin,
     Commit,
     Delete,
@@ -55,7 +56,6 @@ from stream.messages import (
     Unchanged,
     Update,
 )
-from stream.messages import UNCHANGED
 from stream.speedups import pure_python
 
 
