@@ -7,7 +7,7 @@ PG15_BINDIR ?= /usr/lib/postgresql/15/bin
 
 .PHONY: run test browser test-unit test-integration test-pg15 lint typecheck validate-deploy bench clean
 
-$(STAMP): pyproject.toml setup.py projections/_speedups.c stream/_tuples.c
+$(STAMP): pyproject.toml setup.py projections/_speedups.c stream/_tuples.c stream/_slots.h
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'

@@ -8,14 +8,23 @@ from setuptools import Extension, setup
 
 FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
+SHARED = {"include_dirs": ["stream"], "depends": ["stream/_slots.h"]}  # the shared header
+
 setup(
     ext_modules=[
-        Extension("stream._tuples", ["stream/_tuples.c"], optional=True, extra_compile_args=FLAGS),
+        Extension(
+            "stream._tuples",
+            ["stream/_tuples.c"],
+            optional=True,
+            extra_compile_args=FLAGS,
+            **SHARED,
+        ),
         Extension(
             "projections._speedups",
             ["projections/_speedups.c"],
             optional=True,
             extra_compile_args=FLAGS,
+            **SHARED,
         ),
     ]
 )

@@ -19,10 +19,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
-#ifndef Py_T_OBJECT_EX /* before Python 3.12 */
-#include <structmember.h>
-#define Py_T_OBJECT_EX T_OBJECT_EX
-#endif
+#include "_slots.h"
 
 /* Set by configure(); strong references for the life of the process. */
 static PyObject *json_loads = NULL;      /* orjson.loads */
@@ -67,27 +64,6 @@ set_slot(PyObject *obj, PyTypeObject *type, int slot, PyObject *name, PyObject *
         return 0;
     }
     return PyObject_SetAttr(obj, name, v);
-}
-
-/* The offset of a Python-level slot, from the class's member descriptor; -1 if it is not
-   one. */
-static Py_ssize_t
-member_offset(PyTypeObject *type, const char *name)
-{
-    PyObject *d = PyObject_GetAttrString((PyObject *)type, name);
-    Py_ssize_t off = -1;
-    if (d == NULL) {
-        PyErr_Clear();
-        return -1;
-    }
-    if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
-        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-        if (m->type == Py_T_OBJECT_EX && !(m->flags & READONLY)) {
-            off = m->offset;
-        }
-    }
-    Py_DECREF(d);
-    return off;
 }
 
 enum { COL_ID, COL_APP, COL_TABLE, COL_RECORD, COL_USER, COL_OP, COL_DATA, COL_META,

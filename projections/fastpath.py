@@ -25,7 +25,6 @@ from stream.transactions import RowInsert
 FastApply = Callable[..., int | None]
 FastApplyInserts = Callable[..., tuple[int, int, int, int, int]]
 
-CHANGED: Final = 1
 AGENT: Final = 2
 INVALID_SHIFT: Final = 2
 
@@ -54,7 +53,8 @@ _LOADED: Final = _load()
 APPLY: Final[FastApply | None] = _LOADED[0] if _LOADED else None
 """`apply(columns, mission_states, mission_dirty, changed_missions, agent_states,
 agent_dirty, changed_agents, lsn, applied_us)`: None (declined, nothing changed) or an int
-of CHANGED | AGENT bits and the invalid-stamp count shifted by INVALID_SHIFT."""
+of bits (1: the record changed, AGENT: an agent row) and the invalid-stamp count
+shifted by INVALID_SHIFT."""
 
 APPLY_INSERTS: Final[FastApplyInserts | None] = _LOADED[1] if _LOADED else None
 """`apply_inserts(inserts, start, indexes_of, <the six store arguments of APPLY>, lsn,

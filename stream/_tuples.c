@@ -18,10 +18,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#ifndef Py_T_OBJECT_EX /* before Python 3.12 */
-#include <structmember.h>
-#define Py_T_OBJECT_EX T_OBJECT_EX
-#endif
+#include "_slots.h"
 
 #define MAX_COLUMNS 1664 /* MaxTupleAttributeNumber */
 #define XLOG_PAYLOAD_AT 25 /* 'w', WAL start, WAL end, send time */
@@ -139,25 +136,6 @@ plain_insert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 /* RowInsert's slot offsets, looked up once per class. */
 static PyTypeObject *row_insert_type = NULL;
 static Py_ssize_t row_relation_at = -1, row_values_at = -1;
-
-static Py_ssize_t
-member_offset(PyTypeObject *type, const char *name)
-{
-    PyObject *d = PyObject_GetAttrString((PyObject *)type, name);
-    Py_ssize_t off = -1;
-    if (d == NULL) {
-        PyErr_Clear();
-        return -1;
-    }
-    if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
-        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-        if (m->type == Py_T_OBJECT_EX) {
-            off = m->offset;
-        }
-    }
-    Py_DECREF(d);
-    return off;
-}
 
 PyDoc_STRVAR(insert_frame_doc,
 "insert_frame(unchanged, buf, relations, inserts, row_insert) -> wal_end | None\n"

@@ -22,9 +22,10 @@ from projections.merge import RecordState
 from projections.projector import Outcome, Projector
 from projections.stores import SnapshotStore
 from stream.lsn import Lsn
-from stream.pgoutput import UNCHANGED, Column, Relation, TupleData
+from stream.pgoutput import UNCHANGED, TupleData
 from stream.speedups import pure_python
 from stream.transactions import CommittedTransaction, RowInsert
+from tests.unit.test_projector import ITEMS, NAMES, SYNC  # sync_changes as pgoutput has it
 
 IN_ORDER = tuple(range(len(COLUMNS)))
 
@@ -245,19 +246,9 @@ def test_an_agent_row_that_sets_deleted_at_is_declined() -> None:
     assert p.agents.live_count() == 0
 
 
-# sync_changes as pgoutput describes it (table order, more columns than we read), and a
-# table of another service whose rows the projector counts as foreign.
-_NAMES = ("id", "app_id", "table_name", "record_id", "user_id", "op", "data", "field_meta",
-          "client_id", "created_at", "schema_version", "actor", "origin", "space_id")  # fmt: skip
-SYNC = Relation(
-    None, 16400, "public", "sync_changes", "d", tuple(Column(0, n, 25, -1) for n in _NAMES)
-)
-ITEMS = Relation(None, 16500, "public", "items", "d", (Column(1, "id", 23, -1),))
-
-
 def _as_sync_tuple(columns: tuple[Value, ...]) -> TupleData:
     by_name = dict(zip(COLUMNS, columns, strict=True))
-    return tuple(by_name.get(n, b"x") for n in _NAMES)  # type: ignore[misc]
+    return tuple(by_name.get(n, b"x") for n in NAMES)  # type: ignore[misc]
 
 
 INSERTS = st.lists(
