@@ -13,6 +13,10 @@
  *
  * It calls the same Python functions for what is not mechanical (`orjson.loads`, the
  * memoised `created_at` and stamp parsers), handed over once by `configure`.
+ *
+ * `field_meta` is read in place when it can be (see `scan_meta`): only each field's stamp
+ * text matters to the merge, and building the entries' objects would cost more than the
+ * rest of the row's merge. Where the scanner is not sure, orjson parses it as before.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -153,19 +157,413 @@ decode_utf8(PyObject *b, int *declined)
     return s;
 }
 
-/* apply_row's loop over the fields of `data` for a state that exists and is not deleted.
-   Returns the number of invalid stamps, or -1 with an exception set; *changed is set when a
-   field's value or key changed. */
+/* --- field_meta read in place ------------------------------------------------------------
+ *
+ * `scan_meta` reads a `field_meta` text that is a JSON object and records, per member, its
+ * name and its stamp text: the member's value when that is a string, the `at` of an object
+ * value when that is a string (the last `at` of the object, as orjson keeps the last of
+ * duplicate keys), none otherwise. It accepts a subset of JSON on which orjson.loads returns
+ * a dict whose entries give the same texts: strings without escapes, control characters or
+ * non-ASCII bytes (so every name and text is its own UTF-8 and its own str), numbers without
+ * exponent and of bounded length (never infinite), literals, containers nested at most
+ * MAX_JSON_DEPTH deep, JSON whitespace, at most MAX_META_ENTRIES members. Anything else, valid
+ * or not, is declined and goes to orjson. A unit test checks accepted texts against orjson. */
+
+#define MAX_META_ENTRIES 64
+#define MAX_JSON_DEPTH 64
+#define MAX_NUMBER_LEN 64
+
+typedef struct {
+    const char *name;
+    Py_ssize_t name_len;
+    const char *text;     /* NULL: the entry has no stamp text */
+    Py_ssize_t text_len;
+} meta_entry;
+
+typedef struct {
+    int n;
+    meta_entry e[MAX_META_ENTRIES];
+} meta_index;
+
+typedef struct {
+    const unsigned char *p, *end;
+} cursor;
+
+static void
+skip_ws(cursor *c)
+{
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t')) {
+        c->p++;
+    }
+}
+
+static int
+expect(cursor *c, unsigned char ch)
+{
+    skip_ws(c);
+    if (c->p < c->end && *c->p == ch) {
+        c->p++;
+        skip_ws(c);
+        return 1;
+    }
+    return 0;
+}
+
+static int
+scan_string(cursor *c, const char **s, Py_ssize_t *n)
+{
+    if (c->p >= c->end || *c->p != '"') {
+        return 0;
+    }
+    const unsigned char *start = ++c->p;
+    for (; c->p < c->end; c->p++) {
+        unsigned char ch = *c->p;
+        if (ch == '"') {
+            *s = (const char *)start;
+            *n = c->p - start;
+            c->p++;
+            return 1;
+        }
+        if (ch == '\\' || ch < 0x20 || ch >= 0x80) {
+            return 0;
+        }
+    }
+    return 0;
+}
+
+static int
+scan_literal(cursor *c, const char *lit, Py_ssize_t n)
+{
+    if (c->end - c->p < n || memcmp(c->p, lit, (size_t)n) != 0) {
+        return 0;
+    }
+    c->p += n;
+    return 1;
+}
+
+static int
+is_digit(cursor *c)
+{
+    return c->p < c->end && *c->p >= '0' && *c->p <= '9';
+}
+
+static int
+scan_number(cursor *c)
+{
+    const unsigned char *start = c->p;
+    if (c->p < c->end && *c->p == '-') {
+        c->p++;
+    }
+    if (!is_digit(c)) {
+        return 0;
+    }
+    if (*c->p++ != '0') {
+        while (is_digit(c)) {
+            c->p++;
+        }
+    }
+    if (c->p < c->end && *c->p == '.') {
+        c->p++;
+        if (!is_digit(c)) {
+            return 0;
+        }
+        while (is_digit(c)) {
+            c->p++;
+        }
+    }
+    if (c->p < c->end && (*c->p == 'e' || *c->p == 'E')) {
+        return 0;
+    }
+    return c->p - start <= MAX_NUMBER_LEN;
+}
+
+static int skip_value(cursor *c, int depth);
+
+/* An object or array at `depth`; the cursor is on its opening bracket. */
+static int
+skip_container(cursor *c, int depth)
+{
+    unsigned char close = *c->p == '{' ? '}' : ']';
+    c->p++;
+    skip_ws(c);
+    if (c->p < c->end && *c->p == close) {
+        c->p++;
+        return 1;
+    }
+    for (;;) {
+        if (close == '}') {
+            const char *s;
+            Py_ssize_t n;
+            if (!scan_string(c, &s, &n) || !expect(c, ':')) {
+                return 0;
+            }
+        }
+        if (!skip_value(c, depth)) {
+            return 0;
+        }
+        skip_ws(c);
+        if (c->p >= c->end) {
+            return 0;
+        }
+        if (*c->p == close) {
+            c->p++;
+            return 1;
+        }
+        if (*c->p != ',') {
+            return 0;
+        }
+        c->p++;
+        skip_ws(c);
+    }
+}
+
+/* A value inside a container at `depth`. */
+static int
+skip_value(cursor *c, int depth)
+{
+    if (c->p >= c->end) {
+        return 0;
+    }
+    const char *s;
+    Py_ssize_t n;
+    switch (*c->p) {
+    case '"':
+        return scan_string(c, &s, &n);
+    case '{':
+    case '[':
+        return depth < MAX_JSON_DEPTH && skip_container(c, depth + 1);
+    case 't':
+        return scan_literal(c, "true", 4);
+    case 'f':
+        return scan_literal(c, "false", 5);
+    case 'n':
+        return scan_literal(c, "null", 4);
+    default:
+        return scan_number(c);
+    }
+}
+
+/* The object value of a field_meta member (depth 2): its last `at` if a string, into `e`. */
+static int
+scan_stamp_object(cursor *c, meta_entry *e)
+{
+    c->p++;
+    skip_ws(c);
+    if (c->p < c->end && *c->p == '}') {
+        c->p++;
+        return 1;
+    }
+    for (;;) {
+        const char *key;
+        Py_ssize_t key_len;
+        if (!scan_string(c, &key, &key_len) || !expect(c, ':')) {
+            return 0;
+        }
+        if (key_len == 2 && key[0] == 'a' && key[1] == 't') {
+            e->text = NULL;
+            if (c->p < c->end && *c->p == '"') {
+                if (!scan_string(c, &e->text, &e->text_len)) {
+                    return 0;
+                }
+            }
+            else if (!skip_value(c, 2)) {
+                return 0;
+            }
+        }
+        else if (!skip_value(c, 2)) {
+            return 0;
+        }
+        skip_ws(c);
+        if (c->p >= c->end) {
+            return 0;
+        }
+        if (*c->p == '}') {
+            c->p++;
+            return 1;
+        }
+        if (*c->p != ',') {
+            return 0;
+        }
+        c->p++;
+        skip_ws(c);
+    }
+}
+
+/* 1: `buf` is a JSON object of the subset above, its members in `mi`; 0: declined. */
+static int
+scan_meta(const char *buf, Py_ssize_t len, meta_index *mi)
+{
+    cursor c = {(const unsigned char *)buf, (const unsigned char *)buf + len};
+    mi->n = 0;
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p != '{') {
+        return 0;
+    }
+    c.p++;
+    skip_ws(&c);
+    if (c.p < c.end && *c.p == '}') {
+        c.p++;
+    }
+    else {
+        for (;;) {
+            if (mi->n == MAX_META_ENTRIES) {
+                return 0;
+            }
+            meta_entry *e = &mi->e[mi->n++];
+            e->text = NULL;
+            e->text_len = 0;
+            if (!scan_string(&c, &e->name, &e->name_len) || !expect(&c, ':')) {
+                return 0;
+            }
+            int ok;
+            if (c.p < c.end && *c.p == '"') {
+                ok = scan_string(&c, &e->text, &e->text_len);
+            }
+            else if (c.p < c.end && *c.p == '{') {
+                ok = scan_stamp_object(&c, e);
+            }
+            else {
+                ok = skip_value(&c, 1);
+            }
+            if (!ok) {
+                return 0;
+            }
+            skip_ws(&c);
+            if (c.p >= c.end) {
+                return 0;
+            }
+            if (*c.p == '}') {
+                c.p++;
+                break;
+            }
+            if (*c.p != ',') {
+                return 0;
+            }
+            c.p++;
+            skip_ws(&c);
+        }
+    }
+    skip_ws(&c);
+    return c.p == c.end;
+}
+
+/* What field_meta says about field `name`: STAMP_ABSENT (no entry), STAMP_TEXT (a string
+   entry, or an object entry whose `at` is a string; its text in *text and *len when ASCII) or
+   STAMP_NONE (any other entry); -1 with an exception set. From the parsed dict `meta`, or
+   when that is NULL from `mi`.
+   A text that is not ASCII counts as STAMP_NONE: the stamp grammar is ASCII, so the Python
+   path's parser rejects it (merge._parse_text) just the same. */
+enum { STAMP_ABSENT, STAMP_TEXT, STAMP_NONE };
+
+static int
+stamp_of(PyObject *meta, const meta_index *mi, PyObject *name, const char **text,
+         Py_ssize_t *len)
+{
+    if (meta != NULL) {
+        PyObject *raw = PyDict_GetItemWithError(meta, name);
+        if (raw == NULL) {
+            return PyErr_Occurred() ? -1 : STAMP_ABSENT;
+        }
+        PyObject *t = raw;
+        if (PyDict_Check(raw)) {
+            t = PyDict_GetItemWithError(raw, s_at);
+            if (t == NULL) {
+                return PyErr_Occurred() ? -1 : STAMP_NONE;
+            }
+        }
+        if (!PyUnicode_Check(t) || !PyUnicode_IS_ASCII(t)) {
+            return STAMP_NONE;
+        }
+        *text = (const char *)PyUnicode_DATA(t);
+        *len = PyUnicode_GET_LENGTH(t);
+        return STAMP_TEXT;
+    }
+    /* Every name in `mi` is ASCII, so a name that is not cannot be among them. */
+    if (!PyUnicode_IS_ASCII(name)) {
+        return STAMP_ABSENT;
+    }
+    const char *s = (const char *)PyUnicode_DATA(name);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    for (int i = mi->n - 1; i >= 0; i--) {  /* the last of duplicate names, as orjson */
+        const meta_entry *e = &mi->e[i];
+        if (e->name_len == n && memcmp(e->name, s, (size_t)n) == 0) {
+            if (e->text == NULL) {
+                return STAMP_NONE;
+            }
+            *text = e->text;
+            *len = e->text_len;
+            return STAMP_TEXT;
+        }
+    }
+    return STAMP_ABSENT;
+}
+
+/* The last stamp text parsed and its result: the fields of a row, and the rows of a
+   transaction, nearly always share one stamp. Reset by configure(). */
+#define MEMO_TEXT 64
+static struct {
+    Py_ssize_t len;       /* -1: empty */
+    int ok;
+    long long value;
+    char text[MEMO_TEXT];
+} stamp_memo = {-1, 0, 0, {0}};
+
+/* The last `created_at` text parsed (decode._created_at_us) and its instant, in µs. */
+static struct {
+    Py_ssize_t len;       /* -1: empty */
+    long long value;
+    char text[MEMO_TEXT];
+} created_memo = {-1, 0, {0}};
+
+/* merge._parse_text on an ASCII text: 1 with the instant in *out, 0 if it has none, -1 with
+   an exception set. */
+static int
+parse_text(const char *text, Py_ssize_t len, long long *out)
+{
+    if (len > max_stamp_len) {
+        return 0;
+    }
+    if (stamp_memo.len != len || memcmp(stamp_memo.text, text, (size_t)len) != 0) {
+        PyObject *s = PyUnicode_FromStringAndSize(text, len);
+        if (s == NULL) {
+            return -1;
+        }
+        PyObject *parsed = PyObject_CallOneArg(parse_stamp, s);
+        Py_DECREF(s);
+        if (parsed == NULL) {
+            return -1;
+        }
+        int ok = parsed != Py_None;
+        long long value = 0;
+        if (ok) {
+            value = PyLong_AsLongLong(parsed);
+            if (value == -1 && PyErr_Occurred()) {
+                Py_DECREF(parsed);
+                return -1;
+            }
+        }
+        Py_DECREF(parsed);
+        memcpy(stamp_memo.text, text, (size_t)len);
+        stamp_memo.len = len;
+        stamp_memo.ok = ok;
+        stamp_memo.value = value;
+    }
+    *out = stamp_memo.value;
+    return stamp_memo.ok;
+}
+
+/* apply_row's loop over the fields of `data` for a state that exists and is not deleted,
+   the stamps from the dict `meta` or, when that is NULL, from `mi`. Returns the number of
+   invalid stamps, or -1 with an exception set; *changed is set when a field's value or key
+   changed. */
 static long
 merge_fields(PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
-             long long created, PyObject *event, int may_be_unstamped, int *changed)
+             const meta_index *mi, long long created, PyObject *event, int may_be_unstamped,
+             int *changed)
 {
     long invalid = 0;
     Py_ssize_t pos = 0;
     PyObject *name, *value;
-    PyObject *last_text = NULL;   /* strong: the row's previous stamp text */
-    int last_parsed_ok = 0;       /* ... and whether it parsed, to last_parsed */
-    long long last_parsed = 0;
     int have_last_stamp = 0;
     long long last_stamp = 0;
     PyObject *last_key = NULL;    /* strong */
@@ -177,57 +575,22 @@ merge_fields(PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
         if (is_reserved(name)) {
             continue;
         }
-        PyObject *raw = PyDict_GetItemWithError(meta, name);
-        if (raw == NULL && PyErr_Occurred()) {
+        const char *text = NULL;
+        Py_ssize_t text_len = 0;
+        int found = stamp_of(meta, mi, name, &text, &text_len);
+        if (found < 0) {
             goto fail;
         }
         long long stamp;
-        if (raw == NULL && may_be_unstamped) {
+        if (found == STAMP_ABSENT && may_be_unstamped) {
             stamp = unstamped;
         }
         else {
-            int stamp_ok = 0;
-            PyObject *text = raw;
-            if (raw != NULL && PyDict_Check(raw)) {
-                text = PyDict_GetItemWithError(raw, s_at);
-                if (text == NULL && PyErr_Occurred()) {
-                    goto fail;
-                }
+            int ok = found == STAMP_TEXT ? parse_text(text, text_len, &stamp) : 0;
+            if (ok < 0) {
+                goto fail;
             }
-            if (text != NULL && PyUnicode_Check(text)) {
-                int same = 0;
-                if (last_text != NULL) {
-                    same = PyUnicode_Compare(text, last_text) == 0;
-                    if (!same && PyErr_Occurred()) {
-                        goto fail;
-                    }
-                }
-                if (!same) {
-                    Py_INCREF(text);
-                    Py_XSETREF(last_text, text);
-                    last_parsed_ok = 0;
-                    if (PyUnicode_GET_LENGTH(text) <= max_stamp_len) {
-                        PyObject *parsed = PyObject_CallOneArg(parse_stamp, text);
-                        if (parsed == NULL) {
-                            goto fail;
-                        }
-                        if (parsed != Py_None) {
-                            last_parsed = PyLong_AsLongLong(parsed);
-                            if (last_parsed == -1 && PyErr_Occurred()) {
-                                Py_DECREF(parsed);
-                                goto fail;
-                            }
-                            last_parsed_ok = 1;
-                        }
-                        Py_DECREF(parsed);
-                    }
-                }
-                if (last_parsed_ok) {
-                    stamp = last_parsed;
-                    stamp_ok = 1;
-                }
-            }
-            if (!stamp_ok) {
+            if (!ok) {
                 stamp = created;
                 invalid++;
             }
@@ -269,14 +632,12 @@ merge_fields(PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
             }
         }
     }
-    Py_XDECREF(last_text);
     Py_XDECREF(last_key);
     return invalid;
 
 fail_type:
     PyErr_SetString(PyExc_TypeError, "a field name of data is not a str");
 fail:
-    Py_XDECREF(last_text);
     Py_XDECREF(last_key);
     return -1;
 }
@@ -328,24 +689,38 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
     PyObject *user = NULL, *record = NULL, *key = NULL, *state = NULL;
     PyObject *data = NULL, *meta = NULL, *exists = NULL, *deleted = NULL;
     PyObject *values = NULL, *keys = NULL;
+    meta_index mi;
     long result = -1;
 
-    PyObject *created_obj = PyObject_CallOneArg(created_at_us, col[COL_CREATED]);
-    if (created_obj == NULL) {
-        return -1;
+    const char *created_text = PyBytes_AS_STRING(col[COL_CREATED]);
+    Py_ssize_t created_len = PyBytes_GET_SIZE(col[COL_CREATED]);
+    if (created_len == created_memo.len
+        && memcmp(created_text, created_memo.text, (size_t)created_len) == 0) {
+        created = created_memo.value;  /* the rows of a transaction share its start time */
     }
-    if (created_obj == Py_None) {
-        Py_DECREF(created_obj);
-        return -2;
-    }
-    created = PyLong_AsLongLong(created_obj);
-    Py_DECREF(created_obj);
-    if (created == -1 && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+    else {
+        PyObject *created_obj = PyObject_CallOneArg(created_at_us, col[COL_CREATED]);
+        if (created_obj == NULL) {
             return -1;
         }
-        PyErr_Clear();
-        return -2;
+        if (created_obj == Py_None) {
+            Py_DECREF(created_obj);
+            return -2;
+        }
+        created = PyLong_AsLongLong(created_obj);
+        Py_DECREF(created_obj);
+        if (created == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                return -1;
+            }
+            PyErr_Clear();
+            return -2;
+        }
+        if (created_len <= MEMO_TEXT) {
+            memcpy(created_memo.text, created_text, (size_t)created_len);
+            created_memo.len = created_len;
+            created_memo.value = created;
+        }
     }
     /* The event id must be UTF-8 (the Python path decodes it); its bytes are then the key's
        event part, as `event_id.encode("utf-8", "surrogatepass")` gives them back. */
@@ -368,11 +743,17 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
     if (data == NULL) {
         goto done;
     }
-    meta = call_or_decline(json_loads, col[COL_META], &declined);
-    if (meta == NULL) {
-        goto done;
+    if (!scan_meta(PyBytes_AS_STRING(col[COL_META]), PyBytes_GET_SIZE(col[COL_META]), &mi)) {
+        meta = call_or_decline(json_loads, col[COL_META], &declined);
+        if (meta == NULL) {
+            goto done;
+        }
+        if (!PyDict_CheckExact(meta)) {
+            declined = 1;
+            goto done;
+        }
     }
-    if (!PyDict_CheckExact(data) || !PyDict_CheckExact(meta)) {
+    if (!PyDict_CheckExact(data)) {
         declined = 1;
         goto done;
     }
@@ -421,7 +802,7 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
             declined = 1;
             goto done;
         }
-        invalid = merge_fields(values, keys, data, meta, created, col[COL_ID], is_insert,
+        invalid = merge_fields(values, keys, data, meta, &mi, created, col[COL_ID], is_insert,
                                &changed);
         if (invalid < 0) {
             goto done;
@@ -646,8 +1027,14 @@ configure(PyObject *self, PyObject *args)
     Py_XSETREF(created_at_us, created);
     Py_INCREF(parse);
     Py_XSETREF(parse_stamp, parse);
+    if (max_len < 0 || max_len > MEMO_TEXT) {
+        PyErr_Format(PyExc_ValueError, "max_stamp_len must be within 0..%d", MEMO_TEXT);
+        return NULL;
+    }
     unstamped = unst;
     max_stamp_len = max_len;
+    stamp_memo.len = -1;
+    created_memo.len = -1;
     Py_INCREF(state_cls);
     Py_XSETREF(state_type, state_cls);
     Py_INCREF(insert_cls);
@@ -658,6 +1045,38 @@ configure(PyObject *self, PyObject *args)
         slot_offset[i] = member_offset(i < SLOT_RELATION ? state_cls : insert_cls, names[i]);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *
+scan_field_meta(PyObject *self, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "scan_field_meta() takes bytes");
+        return NULL;
+    }
+    meta_index mi;
+    if (!scan_meta(PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg), &mi)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyDict_New();
+    for (int i = 0; out != NULL && i < mi.n; i++) {
+        PyObject *name = PyUnicode_FromStringAndSize(mi.e[i].name, mi.e[i].name_len);
+        if (name == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        const char *text = NULL;
+        Py_ssize_t len = 0;
+        int found = stamp_of(NULL, &mi, name, &text, &len);
+        PyObject *item = found == STAMP_TEXT ? PyUnicode_FromStringAndSize(text, len)
+                                             : Py_NewRef(Py_None);
+        if (item == NULL || PyDict_SetItem(out, name, item) < 0) {
+            Py_CLEAR(out);
+        }
+        Py_DECREF(name);
+        Py_XDECREF(item);
+    }
+    return out;
 }
 
 static PyObject *
@@ -676,6 +1095,9 @@ slot_offsets(PyObject *self, PyObject *unused)
 }
 
 static PyMethodDef methods[] = {
+    {"scan_field_meta", scan_field_meta, METH_O,
+     "What apply reads of a field_meta text in place: None when it leaves the text to\n"
+     "orjson, else each name's stamp text (None: the entry has none). For tests."},
     {"slot_offsets", slot_offsets, METH_NOARGS,
      "The slot offsets configure() found (-1: read through getattr), for tests."},
     {"apply", (PyCFunction)(void (*)(void))apply, METH_FASTCALL, apply_doc},

@@ -13,7 +13,7 @@ import sysconfig
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from projections import fastpath
@@ -84,7 +84,166 @@ CREATED = [
     b"2026-04-15 00:00:00.5+00",
     b"2026-04-15 02:00:00+02",
     b"2026-04-15 01:00:00.000001+00",
+    b"2026-04-15 00:00:01+00",  # as long as the first, a second later
 ]
+
+
+# --- field_meta as text -------------------------------------------------------------------
+# The fast path reads field_meta in place (`scan_field_meta`) and leaves to orjson what it is
+# not sure of. Texts here come in every shape JSON allows and some it does not: whitespace,
+# escapes, non-ASCII, duplicate names, numbers of every form, nesting, and damaged copies.
+
+JSON_WS = st.sampled_from(["", "", "", " ", "\n", "\t ", "\r\n"])
+NAMES_IN_META = st.sampled_from([*FIELDS, "at", "tit\u00e9", "", 'a"b', "a\\b"])
+TEXTS_IN_META = st.sampled_from(
+    [s for s in STAMPS if isinstance(s, str)] + ["\u00e9t\u00e9", "tab\there", "\x7f"]
+)
+NUMBERS = st.sampled_from(
+    ["0", "-0", "17", "-3", "2.5", "-0.125", "1e3", "1E-2", "2.5e+10", "1e999",
+     "123456789012345678901234567890", "9" * 70, "9" * 400, "0." + "1" * 70, "01", "1.", ".5", "-",
+     "+1", "NaN", "Infinity"]
+)  # fmt: skip
+
+
+def _text_json(draw: st.DrawFn, value: object) -> str:
+    """`value` as JSON text, laid out and escaped at random (sometimes not as JSON allows)."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        if items and draw(st.integers(0, 3)) == 0:
+            # The first name again, with another value: the last one counts.
+            items.append((items[0][0], draw(META_TEXT_ENTRY)))
+        parts = [
+            f"{draw(JSON_WS)}{_text_json(draw, k)}{draw(JSON_WS)}:{draw(JSON_WS)}"
+            f"{_text_json(draw, v)}{draw(JSON_WS)}"
+            for k, v in items
+        ]
+        return "{" + ",".join(parts) + draw(JSON_WS) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(draw(JSON_WS) + _text_json(draw, v) for v in value) + "]"
+    if isinstance(value, str):
+        if draw(st.integers(0, 6)) == 0:
+            return orjson.dumps(value).decode()  # escapes a quote, backslash, control char
+        if draw(st.integers(0, 6)) == 0 and value:
+            return f'"\\u{ord(value[0]):04x}{value[1:]}"'  # an escaped first character
+        return '"' + value + '"'
+    if isinstance(value, bool) or value is None:
+        return orjson.dumps(value).decode()
+    return draw(NUMBERS)
+
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), TEXTS_IN_META)
+JSON_VALUE = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(NAMES_IN_META, inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+META_TEXT_ENTRY = st.one_of(
+    TEXTS_IN_META,
+    st.dictionaries(st.sampled_from(["at", "actor", "origin", "by"]), JSON_VALUE, max_size=3),
+    st.fixed_dictionaries({"at": TEXTS_IN_META}, optional={"actor": JSON_VALUE}),
+    JSON_VALUE,
+)
+
+
+@st.composite
+def meta_texts(draw: st.DrawFn) -> bytes:
+    meta = draw(st.dictionaries(NAMES_IN_META, META_TEXT_ENTRY, max_size=6))
+    text = (draw(JSON_WS) + _text_json(draw, meta) + draw(JSON_WS)).encode()
+    damage = draw(st.integers(0, 5))
+    if damage == 0 and text:  # cut short
+        text = text[: draw(st.integers(0, len(text) - 1))]
+    elif damage == 1:  # one byte added anywhere
+        at = draw(st.integers(0, len(text)))
+        extra = draw(
+            st.sampled_from([b"{", b"}", b",", b":", b'"', b"\\", b"\x00", b"\x0c", b"\xc3"])
+        )
+        text = text[:at] + extra + text[at:]
+    return text
+
+
+def _stamp_text(entry: object) -> str | None:
+    """The stamp text the merge reads from one parsed field_meta entry (None: no text)."""
+    if isinstance(entry, dict):
+        entry = entry.get("at")
+    return entry if isinstance(entry, str) else None
+
+
+@needs_fast_path
+@settings(max_examples=2000, deadline=None)
+@given(meta_texts())
+def test_field_meta_read_in_place_agrees_with_orjson(text: bytes) -> None:
+    from projections import _speedups
+
+    scanned = _speedups.scan_field_meta(text)
+    if scanned is None:
+        return  # left to orjson
+    parsed = orjson.loads(text)  # whatever the scanner takes, orjson takes...
+    assert isinstance(parsed, dict)
+    # ... and reads the same stamp text for every field (the last of duplicate names).
+    assert scanned == {k: _stamp_text(v) for k, v in parsed.items()}
+
+
+@needs_fast_path
+def test_field_meta_as_the_server_sends_it_is_read_in_place() -> None:
+    # jsonb's text output and orjson's: the fast path must not quietly hand these to orjson.
+    from projections import _speedups
+
+    jsonb_text = (
+        b'{"title": {"at": "2026-11-22T23:12:30.831Z", "actor": {"kind": "user"},'
+        b' "origin": "user"}, "cadence": "2026-11-22T23:12:30.831Z", "n": [1, -2.5, null]}'
+    )
+    assert _speedups.scan_field_meta(jsonb_text) == {
+        "title": "2026-11-22T23:12:30.831Z",
+        "cadence": "2026-11-22T23:12:30.831Z",
+        "n": None,
+    }
+    assert _speedups.scan_field_meta(orjson.dumps(orjson.loads(jsonb_text))) is not None
+    assert _speedups.scan_field_meta(b"{}") == {}
+    # Escapes, non-ASCII, exponents and deep nesting are orjson's.
+    deep = b'{"n": ' + b"[" * 2000 + b"]" * 2000 + b"}"  # orjson: too deep
+    for text in (b'{"t\\u0069tle": "x"}', '{"é": "x"}'.encode(), b'{"n": 1e3}', deep):
+        assert _speedups.scan_field_meta(text) is None
+
+
+@needs_fast_path
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from([*FIELDS[:3], "at", ""]), VALUES, max_size=4),
+            meta_texts(),
+            st.sampled_from([b"update", b"insert"]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+@example([({"title": "b"}, '{"title": "\u00e9t\u00e9"}'.encode(), b"update")])
+@example([({"title": "b"}, b'{"title": {"at": "x", "at": 1}}', b"update")])
+@example([({"title": "b"}, b'{"title": "2026-04-15T01:00:00Z", "title": "x"}', b"update")])
+def test_stamps_read_in_place_merge_as_parsed_ones(
+    updates: list[tuple[dict[str, object], bytes, bytes]],
+) -> None:
+    # Updates of one record that exists, so the fast path takes every row it can read.
+    fast, slow = projector(True), projector(False)
+    create = (b"e0", b"ai", b"aiMissions", b"m1", b"u1", b"insert",
+              b'{"title": "a", "objective": "o"}', b"{}", CREATED[0])  # fmt: skip
+    rows_ = [create]
+    for i, (data, meta, op) in enumerate(updates, 1):
+        event = f"e{i}".encode()
+        created = CREATED[i % len(CREATED)]
+        rows_.append((event, b"ai", b"aiMissions", b"m1", b"u1", op, orjson.dumps(data), meta,
+                      created))  # fmt: skip
+    for i, columns in enumerate(rows_):
+        results = []
+        for p in (fast, slow):
+            outcome = Outcome()
+            p.apply_loaded([columns], IN_ORDER, Lsn(10 + i), 20 + i, outcome)
+            results.append(outcome_of(outcome))
+        assert results[0] == results[1], columns
+    assert store_of(fast.missions) == store_of(slow.missions)
 
 
 # Per column, what one corrupted column of an otherwise good row may hold.
@@ -125,8 +284,8 @@ def rows(draw: st.DrawFn) -> tuple[Value, ...]:
         draw(st.sampled_from([b"u1", b"u1", b"u2"])),
         draw(st.sampled_from([b"update"] * 14 + [b"insert"] * 5 + [b"delete"])),
         orjson.dumps(data),
-        orjson.dumps(meta),
-        draw(st.sampled_from(CREATED[:4])),
+        orjson.dumps(meta) if draw(st.integers(0, 3)) else draw(meta_texts()),
+        draw(st.sampled_from(CREATED)),
     ]
     if draw(st.integers(0, 4)) == 0:
         i = draw(st.integers(0, len(BAD) - 1))
