@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from typing import Any
 
 from stream.messages import Relation, TupleData, Unchanged
@@ -11,3 +12,12 @@ def insert_frame(
     row_insert: type,
     /,
 ) -> int | None: ...
+def insert_frames(
+    get_copy_data: Callable[[bool], tuple[int, Any]],
+    limit: int,
+    unchanged: Unchanged,
+    relations: dict[int, Relation],
+    inserts: list[Any] | None,
+    row_insert: type,
+    /,
+) -> tuple[int, int, int, bytes | int | None]: ...

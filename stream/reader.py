@@ -34,6 +34,7 @@ from stream.pgoutput import PgOutputDecoder
 from stream.transactions import (
     COMPILED_INSERT_FRAMES,
     CommittedTransaction,
+    GetCopyData,
     TransactionAssembler,
 )
 
@@ -97,6 +98,24 @@ class FrameReader:
                     self._received = end
                 return None
         return self._general(buf)
+
+    def pump(self, get_copy_data: GetCopyData, limit: int) -> tuple[int, int, bytes | int | None]:
+        """Read frames with `get_copy_data` (psycopg's `PGconn.get_copy_data`, the caller's
+        connection) and take, up to `limit` of them, the plain Inserts `feed` would take on
+        its fused path, all in C. Returns the frames taken, their bytes, and the rest: the
+        first frame not taken, as bytes, which the caller passes to `feed`; get_copy_data's
+        size when it had no frame (0: none buffered, -1: the copy ended); None after
+        `limit` frames. Without the compiled path (or while a stream block is open, whose
+        Inserts are never fused) it reads one frame and returns it as the rest."""
+        if COMPILED_INSERT_FRAMES:
+            taken, taken_bytes, end, rest = self._assembler.add_insert_frames(
+                get_copy_data, limit, takes_inserts=not self._decoder.in_stream_block
+            )
+            if end > self._received:
+                self._received = end
+            return taken, taken_bytes, rest
+        size, data = get_copy_data(True)
+        return 0, 0, (size if size <= 0 else bytes(data))
 
     def _general(self, buf: bytes) -> ReaderOutput:
         frame = parse_frame(buf)

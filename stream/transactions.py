@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from mission_runner.errors import DecodeError
 from stream.lsn import Lsn
@@ -241,6 +241,28 @@ class TransactionAssembler:
         self._buffered_rows += 1
         return end
 
+    def add_insert_frames(
+        self, get_copy_data: GetCopyData, limit: int, *, takes_inserts: bool
+    ) -> tuple[int, int, int, bytes | int | None]:
+        """Read frames with `get_copy_data` and buffer each plain Insert as
+        `add_insert_frame` would, up to `limit` of them, with the compiled
+        `stream._tuples.insert_frames` (only when COMPILED_INSERT_FRAMES).
+        `takes_inserts` False (a stream block is open) takes none. Returns the frames
+        taken, their bytes, their highest WAL end (0 if none) and the rest: the first frame
+        not taken (for the general path), get_copy_data's size when it had no frame
+        (<= 0), or None after `limit` frames."""
+        assert _INSERT_FRAMES is not None
+        open_txn = self._open
+        inserts = open_txn.inserts if open_txn is not None and takes_inserts else None
+        taken, taken_bytes, end, rest = _INSERT_FRAMES(
+            get_copy_data, limit, UNCHANGED, self._relations, inserts, RowInsert
+        )
+        if taken:
+            assert open_txn is not None
+            open_txn.rows += taken
+            self._buffered_rows += taken
+        return taken, taken_bytes, end, rest
+
     def _relation(self, oid: int, lsn: Lsn, tag: str) -> Relation:
         relation = self._relations.get(oid)
         if relation is None:
@@ -397,16 +419,27 @@ _InsertFrame: TypeAlias = Callable[
 ]
 
 
-def _compiled_insert_frame() -> _InsertFrame | None:
+GetCopyData: TypeAlias = Callable[[bool], tuple[int, Any]]
+"""psycopg's `PGconn.get_copy_data`: `(size, buffer)`; size 0 when no frame is buffered,
+-1 at the end of the copy."""
+_InsertFrames: TypeAlias = Callable[
+    [GetCopyData, int, Unchanged, dict[int, Relation], list[RowInsert] | None, type[RowInsert]],
+    tuple[int, int, int, bytes | int | None],
+]
+
+
+def _compiled_insert_frame() -> tuple[_InsertFrame, _InsertFrames] | None:
     if pure_python():
         return None
     try:
-        from stream._tuples import insert_frame
+        from stream._tuples import insert_frame, insert_frames
     except ImportError:
         return None
-    return insert_frame
+    return insert_frame, insert_frames
 
 
-_INSERT_FRAME: Final = _compiled_insert_frame()
-COMPILED_INSERT_FRAMES: Final = _INSERT_FRAME is not None
+_COMPILED: Final = _compiled_insert_frame()
+_INSERT_FRAME: Final = _COMPILED[0] if _COMPILED else None
+_INSERT_FRAMES: Final = _COMPILED[1] if _COMPILED else None
+COMPILED_INSERT_FRAMES: Final = _COMPILED is not None
 """Whether `add_insert_frame` can take frames (the compiled helper is built and in use)."""

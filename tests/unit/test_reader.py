@@ -217,3 +217,143 @@ def test_the_received_position_is_the_frames_wal_end(proto: int) -> None:
     reader, general = _prefix_until(proto, index)
     assert run(reader.feed, moved) == run(general.feed, moved)
     assert reader.received_lsn == general.received == end
+
+
+# --- pump: frames read from the connection, plain Inserts taken in C ----------------------
+
+
+class CopyData:
+    """`get_copy_data` of a connection that has `frames` to hand out, as psycopg does:
+    `(size, memoryview)`, `(0, ...)` at the positions in `empty` (libpq's buffer ran dry),
+    `(-1, ...)` after the last frame (the copy ended), and `fail_at` raises instead of
+    handing out that frame, as a broken connection does, on every call from then on."""
+
+    def __init__(
+        self, frames: list[bytes], empty: frozenset[int] = frozenset(), fail_at: int = -1
+    ) -> None:
+        self.frames = frames
+        self.empty = set(empty)
+        self.fail_at = fail_at
+        self.at = 0
+
+    def __call__(self, async_: bool) -> tuple[int, memoryview]:
+        assert async_ is True
+        if self.at == self.fail_at:
+            raise OSError("connection lost")
+        if self.at in self.empty:
+            self.empty.discard(self.at)
+            return 0, memoryview(b"")
+        if self.at == len(self.frames):
+            return -1, memoryview(b"")
+        buf = self.frames[self.at]
+        self.at += 1
+        return len(buf), memoryview(bytearray(buf))  # a buffer, not bytes, as psycopg's
+
+
+Log = list[tuple[object, ...]]
+
+
+def pumped(reader: FrameReader, conn: CopyData, limits: list[int]) -> Log:
+    """What the consumer does with `pump`: each output or error of `feed` with the received
+    position then, until the copy ends or an error; last, the frames and bytes read."""
+    log: Log = []
+    frames = size = 0
+    for n in range(1_000_000):
+        taken, taken_bytes, rest = reader.pump(conn, limits[n % len(limits)])
+        assert taken <= limits[n % len(limits)]
+        assert (rest is None) == (taken == limits[n % len(limits)])
+        frames += taken
+        size += taken_bytes
+        if isinstance(rest, bytes):
+            frames += 1
+            size += len(rest)
+            out = run(reader.feed, rest)
+            if out != Outcome(None, None):
+                log.append((out, reader.received_lsn, reader.in_transaction))
+            if out.error is not None:
+                break
+        elif rest is not None and rest < 0:
+            break
+    log.append((frames, size, reader.received_lsn, reader.buffered_rows))
+    return log
+
+
+def fed(reader: FrameReader, frames: list[bytes]) -> Log:
+    log: Log = []
+    count = size = 0
+    for buf in frames:
+        count += 1
+        size += len(buf)
+        out = run(reader.feed, buf)
+        if out != Outcome(None, None):
+            log.append((out, reader.received_lsn, reader.in_transaction))
+        if out.error is not None:
+            break
+    log.append((count, size, reader.received_lsn, reader.buffered_rows))
+    return log
+
+
+LIMITS = st.lists(st.integers(1, 12), min_size=1, max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([1, 2]), LIMITS, st.frozensets(st.integers(0, 120)))
+def test_pumping_gives_what_feeding_gives(
+    proto: int, limits: list[int], empty: frozenset[int]
+) -> None:
+    frames = CAPTURES[proto]
+    assert pumped(FrameReader(proto), CopyData(frames, empty), limits) == fed(
+        FrameReader(proto), frames
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), LIMITS)
+def test_pumping_corrupted_inserts_fails_like_feeding(
+    data: st.DataObject, limits: list[int]
+) -> None:
+    proto = data.draw(st.sampled_from([1, 2]))
+    index = data.draw(st.sampled_from(INSERTS[proto]))
+    frames = list(CAPTURES[proto])
+    buf = bytearray(frames[index])
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(XLOG_PAYLOAD_AT + 1, len(buf) - 1))
+        buf[at] = data.draw(st.integers(0, 255))
+    frames[index] = bytes(buf)
+    assert pumped(FrameReader(proto), CopyData(frames), limits) == fed(FrameReader(proto), frames)
+
+
+@pytest.mark.parametrize("proto", [1, 2])
+def test_a_connection_failing_while_pumping_raises_and_keeps_what_was_taken(proto: int) -> None:
+    # Fail at the 3rd plain Insert of a run: the frames before it are taken and counted,
+    # and the failure comes out of the next call (the connection keeps failing).
+    start = next(i for i in INSERTS[proto] if all(i + k in INSERTS[proto] for k in range(3)))
+    reader, general = _prefix_until(proto, start)
+    conn = CopyData(CAPTURES[proto], fail_at=start + 2)
+    conn.at = start
+    taken, taken_bytes, rest = reader.pump(conn, 100)
+    if transactions.COMPILED_INSERT_FRAMES and reader_module.COMPILED_INSERT_FRAMES:
+        assert (taken, rest) == (2, None)
+        assert taken_bytes == sum(len(b) for b in CAPTURES[proto][start : start + 2])
+        assert reader.buffered_rows == general.assembler.buffered_rows + 2
+        with pytest.raises(OSError, match="connection lost"):
+            reader.pump(conn, 100)
+    else:
+        assert (taken, rest) == (0, CAPTURES[proto][start])
+
+
+@pytest.mark.parametrize("proto", [1, 2])
+def test_pumping_moves_the_received_position_to_the_frames_wal_end(proto: int) -> None:
+    index = INSERTS[proto][0]
+    buf = CAPTURES[proto][index]
+    (start,) = struct.unpack_from("!Q", buf, 1)
+    end = start + 0x100  # beyond every position received before
+    moved = buf[:9] + struct.pack("!Q", end) + buf[17:]
+    reader, general = _prefix_until(proto, index)
+    conn = CopyData([moved])
+    _, _, rest = reader.pump(conn, 1)
+    if rest is not None:  # not taken in place: the caller feeds it
+        assert isinstance(rest, bytes)
+        reader.feed(rest)
+    general.feed(moved)
+    assert reader.received_lsn == general.received == end
