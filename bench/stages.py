@@ -6,8 +6,9 @@ memory once, then times each stage on it. Each stage keeps alive what the servic
 (merged states, a batch being persisted) and drops what the service drops (a transaction
 once applied, a decoded row once merged):
 
-    stream     CopyData payloads -> committed transactions: the consumer's per-frame path
-               (frame codec, pgoutput decoder, transaction assembler)
+    stream     CopyData payloads -> committed transactions: the consumer's frame loop
+               (FrameReader.pump and feed: frame codec, pgoutput decoder, transaction
+               assembler), from an in-memory stand-in for libpq's get_copy_data
     decode     a row's tuple -> ChangeRow (picking the columns, `decode_columns`)
     merge      SnapshotStore.apply: ChangeRow -> merged record states
     project    Projector.apply_transaction: decode + merge + bookkeeping, per row; through
@@ -134,13 +135,34 @@ class Workload:
         )
 
 
+class CopyData:
+    """psycopg's `PGconn.get_copy_data` over the captured frames: `(size, memoryview)`, then
+    `(-1, ...)` once they are all out (the end of the copy)."""
+
+    def __init__(self, frames: list[memoryview]) -> None:
+        self._next = iter(frames).__next__
+
+    def __call__(self, async_: bool) -> tuple[int, memoryview]:
+        try:
+            data = self._next()
+        except StopIteration:
+            return -1, memoryview(b"")
+        return len(data), data
+
+
 def stream(w: Workload) -> object:
-    """The consumer's per-frame path; each transaction is dropped once out, as the
-    service drops it once applied."""
-    feed = FrameReader(2).feed
-    for data in w.frames:
-        feed(bytes(data))
-    return None
+    """The consumer's frame loop (`FrameReader.pump`, then `feed` for each frame it hands
+    back); each transaction is dropped once out, as the service drops it once applied.
+    Includes the stand-in for libpq's get_copy_data above (about what psycopg's costs)."""
+    reader = FrameReader(2)
+    pump, feed = reader.pump, reader.feed
+    get_copy_data = CopyData(w.frames)
+    while True:
+        _, _, rest = pump(get_copy_data, 2000)
+        if isinstance(rest, bytes):
+            feed(rest)
+        elif rest is not None:
+            return None
 
 
 def decode(w: Workload) -> object:
