@@ -4,12 +4,12 @@
  * `apply(columns, ...)` folds one `sync_changes` row into the snapshot stores exactly as
  * `decode_columns` + `SnapshotStore.apply` + `apply_row` do (projections/decode.py, stores.py,
  * merge.py), for the rows that make up nearly all of a stream: an `insert` or `update` of an
- * `ai` mission or agent that already exists and is not deleted, with every column present,
+ * `ai` mission or agent that is new or exists and is not deleted, with every column present,
  * well-formed ids, JSON objects in `data` and `field_meta`, and a parseable `created_at`.
  * For every other row it returns None before changing anything, and the caller takes the
- * Python path, which decides everything else (new records, deletes, tombstones, dead
- * letters, an agent's `deletedAt`). The Python code is the definition; a unit test holds
- * this file to it on generated rows and states.
+ * Python path, which decides everything else (deletes, tombstones, dead letters, an agent's
+ * `deletedAt`). The Python code is the definition; a unit test holds this file to it on
+ * generated rows and states.
  *
  * It calls the same Python functions for what is not mechanical (`orjson.loads`, the
  * memoised `created_at` and stamp parsers), handed over once by `configure`.
@@ -76,7 +76,8 @@ enum { COL_ID, COL_APP, COL_TABLE, COL_RECORD, COL_USER, COL_OP, COL_DATA, COL_M
 /* Result bits: see `apply`. */
 #define R_CHANGED 1
 #define R_AGENT 2
-#define R_INVALID_SHIFT 2
+#define R_CREATED 4
+#define R_INVALID_SHIFT 3
 
 static int
 bytes_is(PyObject *b, const char *text, Py_ssize_t n)
@@ -770,25 +771,41 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
         goto done;
     }
     state = PyDict_GetItemWithError(states, key);
+    int is_new = 0;
     if (state == NULL) {
-        declined = !PyErr_Occurred();  /* a new record: the Python path creates it */
-        goto done;
+        if (PyErr_Occurred()) {
+            goto done;
+        }
+        /* A new record, as SnapshotStore.apply makes it: RecordState(user_id, record_id),
+           stored under its key; apply_row then sets `exists` (below). Every decline is
+           behind us: from here on the row is taken. */
+        state = PyObject_CallFunctionObjArgs((PyObject *)state_type, user, record, NULL);
+        if (state == NULL) {
+            goto done;
+        }
+        if (PyDict_SetItem(states, key, state) < 0
+            || set_slot(state, state_type, SLOT_EXISTS, s_exists, Py_True) < 0) {
+            goto done;
+        }
+        is_new = 1;
     }
-    Py_INCREF(state);
-    exists = get_slot(state, state_type, SLOT_EXISTS, s_exists);
-    if (exists == NULL) {
-        goto done;
-    }
-    deleted = get_slot(state, state_type, SLOT_DELETED, s_deleted);
-    if (deleted == NULL) {
-        goto done;
-    }
-    if (exists != Py_True || deleted != Py_False) {
-        declined = 1;
-        goto done;
+    else {
+        Py_INCREF(state);
+        exists = get_slot(state, state_type, SLOT_EXISTS, s_exists);
+        if (exists == NULL) {
+            goto done;
+        }
+        deleted = get_slot(state, state_type, SLOT_DELETED, s_deleted);
+        if (deleted == NULL) {
+            goto done;
+        }
+        if (exists != Py_True || deleted != Py_False) {
+            declined = 1;
+            goto done;
+        }
     }
     long invalid = 0;
-    int changed = 0;
+    int changed = is_new;
     if (PyDict_GET_SIZE(data) > 0) {
         values = get_slot(state, state_type, SLOT_VALUES, s_values);
         if (values == NULL) {
@@ -799,7 +816,10 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
             goto done;
         }
         if (!PyDict_CheckExact(values) || !PyDict_CheckExact(keys)) {
-            declined = 1;
+            declined = !is_new;  /* RecordState() makes exact dicts: never for a new one */
+            if (is_new) {
+                PyErr_SetString(PyExc_TypeError, "a new RecordState without dicts");
+            }
             goto done;
         }
         invalid = merge_fields(values, keys, data, meta, &mi, created, col[COL_ID], is_insert,
@@ -816,7 +836,8 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
             goto done;
         }
     }
-    result = (changed ? R_CHANGED : 0) | (agent ? R_AGENT : 0) | (invalid << R_INVALID_SHIFT);
+    result = (changed ? R_CHANGED : 0) | (agent ? R_AGENT : 0) | (is_new ? R_CREATED : 0)
+             | (invalid << R_INVALID_SHIFT);
 
 done:
     Py_XDECREF(user);
@@ -842,8 +863,9 @@ PyDoc_STRVAR(apply_doc,
 "Fold one row (its COLUMNS values) into the stores' states dict, as the Python path would.\n"
 "None: not taken, nothing changed; the caller applies the row the Python way. Otherwise an\n"
 "int: bit 0 set when the record changed (it is then in the dirty dict and its key appended\n"
-"to the changed list, with last_lsn/last_applied_us set), bit 1 set for an agent row, and\n"
-"the number of invalid stamps shifted left by 2.");
+"to the changed list, with last_lsn/last_applied_us set), bit 1 set for an agent row, bit 2\n"
+"set when the row created the record (a new RecordState in the states dict, live: the\n"
+"caller counts it), and the number of invalid stamps shifted left by 3.");
 
 static int
 check_stores(PyObject *const *stores)
@@ -894,13 +916,15 @@ apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 PyDoc_STRVAR(apply_inserts_doc,
 "apply_inserts(inserts, start, indexes_of, mission_states, mission_dirty, changed_missions,\n"
 "              agent_states, agent_dirty, changed_agents, lsn, applied_us)\n"
-"    -> (next, mission_rows, agent_rows, invalid_stamps, foreign_rows)\n"
+"    -> (next, mission_rows, agent_rows, invalid_stamps, foreign_rows, new_missions,\n"
+"        new_agents)\n"
 "\n"
 "`apply` for the rows of a transaction's inserts (RowInsert objects), from `start` on, in\n"
 "order, until one is declined: `next` is its position (the caller applies it the Python\n"
 "way and calls again from the one after), or len(inserts) when all were taken.\n"
 "`indexes_of(relation)` gives the positions of COLUMNS in that relation's tuples, or None\n"
-"for a relation that is not sync_changes (its rows count as foreign).");
+"for a relation that is not sync_changes (its rows count as foreign). new_missions and\n"
+"new_agents count the records the rows created.");
 
 static PyObject *
 apply_inserts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -923,7 +947,8 @@ apply_inserts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *lsn = args[9], *applied_us = args[10];
-    long counts[4] = {0, 0, 0, 0}; /* mission rows, agent rows, invalid stamps, foreign rows */
+    /* mission rows, agent rows, invalid stamps, foreign rows, new missions, new agents */
+    long counts[6] = {0, 0, 0, 0, 0, 0};
     PyObject *relation = NULL;     /* strong: the relation `idx` belongs to */
     int have_idx = 0;              /* 0: foreign relation */
     Py_ssize_t idx[N_COLUMNS];
@@ -990,9 +1015,13 @@ apply_inserts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         counts[(code & R_AGENT) ? 1 : 0]++;
         counts[2] += code >> R_INVALID_SHIFT;
+        if (code & R_CREATED) {
+            counts[(code & R_AGENT) ? 5 : 4]++;
+        }
     }
     Py_XDECREF(relation);
-    return Py_BuildValue("(nllll)", i, counts[0], counts[1], counts[2], counts[3]);
+    return Py_BuildValue("(nllllll)", i, counts[0], counts[1], counts[2], counts[3], counts[4],
+                         counts[5]);
 
 fail:
     Py_XDECREF(relation);

@@ -1,8 +1,8 @@
 """The projector's compiled fast path, when it was built.
 
-`projections._speedups.apply` folds the common row (an `insert`/`update` of an existing,
-not deleted `ai` mission or agent, well-formed) into the stores in C, calling the same
-parsers as the Python path; for any other row it declines and changes nothing, and the
+`projections._speedups.apply` folds the common row (an `insert`/`update` of a new or an
+existing, not deleted `ai` mission or agent, well-formed) into the stores in C, calling the
+same parsers as the Python path; for any other row it declines and changes nothing, and the
 Python path (`decode_columns` + `SnapshotStore.apply`) takes the row. The Python path is
 the definition: `tests/unit/test_fastpath.py` holds the compiled one to it.
 
@@ -23,10 +23,11 @@ from stream.speedups import pure_python
 from stream.transactions import RowInsert
 
 FastApply = Callable[..., int | None]
-FastApplyInserts = Callable[..., tuple[int, int, int, int, int]]
+FastApplyInserts = Callable[..., tuple[int, int, int, int, int, int, int]]
 
 AGENT: Final = 2
-INVALID_SHIFT: Final = 2
+CREATED: Final = 4
+INVALID_SHIFT: Final = 3
 
 
 def _load() -> tuple[FastApply, FastApplyInserts] | None:
@@ -53,11 +54,12 @@ _LOADED: Final = _load()
 APPLY: Final[FastApply | None] = _LOADED[0] if _LOADED else None
 """`apply(columns, mission_states, mission_dirty, changed_missions, agent_states,
 agent_dirty, changed_agents, lsn, applied_us)`: None (declined, nothing changed) or an int
-of bits (1: the record changed, AGENT: an agent row) and the invalid-stamp count
-shifted by INVALID_SHIFT."""
+of bits (1: the record changed, AGENT: an agent row, CREATED: the row created the record, a
+live one the caller adds to its store's count) and the invalid-stamp count shifted by
+INVALID_SHIFT."""
 
 APPLY_INSERTS: Final[FastApplyInserts | None] = _LOADED[1] if _LOADED else None
 """`apply_inserts(inserts, start, indexes_of, <the six store arguments of APPLY>, lsn,
 applied_us)`: APPLY over a transaction's RowInserts from `start` on, stopping at the first
-row it declines; returns `(next, mission_rows, agent_rows, invalid_stamps, foreign_rows)`,
-`next` being the declined row's position (or the end)."""
+row it declines; returns `(next, mission_rows, agent_rows, invalid_stamps, foreign_rows,
+new_missions, new_agents)`, `next` being the declined row's position (or the end)."""

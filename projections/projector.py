@@ -149,7 +149,7 @@ class Projector:
         a_states, a_dirty = self.agents.fast_path_parts()
         position, end = 0, len(inserts)
         while position < end:
-            position, missions, agents, invalid, foreign = apply_inserts(
+            position, missions, agents, invalid, foreign, new_m, new_a = apply_inserts(
                 inserts,
                 position,
                 self._indexes,
@@ -166,6 +166,10 @@ class Projector:
             outcome.agent_rows += agents
             outcome.invalid_stamps += invalid
             outcome.foreign_rows += foreign
+            if new_m or new_a:
+                self.missions.count_created(new_m)
+                self.agents.count_created(new_a)
+                outcome.new_records += new_m + new_a
             if position < end:  # declined: a sync_changes row the Python path decides
                 ins = inserts[position]
                 pick = self._picker(ins.relation)
@@ -187,7 +191,7 @@ class Projector:
         missions, agents = self.missions, self.agents
         changed_missions, changed_agents = outcome.changed_missions, outcome.changed_agents
         fast = self._fast if use_fast else None
-        agent_bit, shift = fastpath.AGENT, fastpath.INVALID_SHIFT
+        agent_bit, created_bit, shift = fastpath.AGENT, fastpath.CREATED, fastpath.INVALID_SHIFT
         if fast is not None:
             m_states, m_dirty = missions.fast_path_parts()
             a_states, a_dirty = agents.fast_path_parts()
@@ -210,6 +214,9 @@ class Projector:
                         outcome.agent_rows += 1
                     else:
                         outcome.mission_rows += 1
+                    if code & created_bit:
+                        (agents if code & agent_bit else missions).count_created(1)
+                        outcome.new_records += 1
                     if code >> shift:
                         outcome.invalid_stamps += code >> shift
                     continue

@@ -119,10 +119,14 @@ class SnapshotStore:
         self,
     ) -> tuple[dict[StoreKey, RecordState], dict[StoreKey, RecordState]]:
         """The states and dirty dicts, for `projections.fastpath.APPLY` only: it changes an
-        existing, not deleted state the way `apply` would, marks it dirty, and declines every
-        row that could create a state or change whether one is live (so `_live` stays
-        right without it)."""
+        existing, not deleted state or creates a new one the way `apply` would, marks it
+        dirty, and declines every row that could change whether an existing one is live. The
+        records it creates are live: the caller counts them with `count_created`."""
         return self._states, self._dirty
+
+    def count_created(self, n: int) -> None:
+        """`n` records the fast path created (see `fast_path_parts`), all of them live."""
+        self._live += n
 
     def merge_in(self, state: RecordState) -> bool:
         """Join `state` into the store (taking ownership of it if the key is new); True and
