@@ -7,7 +7,9 @@
  * anything that is not one exact, well-formed Insert with a new tuple, so that the general
  * decoder takes the message and reports what is wrong with it. It never raises for bad
  * input. `insert_frame` does the same for the Insert of an XLogData frame and hands the row
- * to the open transaction, as the reader's fused path does (stream/reader.py).
+ * to the open transaction, as the reader's fused path does (stream/reader.py), and
+ * `insert_frames` does that for each frame it reads with psycopg's `get_copy_data`, until one
+ * it does not take (`FrameReader.pump`, the consumer's frame loop).
  *
  * Message layout (PostgreSQL "Logical Replication Message Formats"): Byte1('I'),
  * Int32 relation OID, Byte1('N'), Int16 column count, then per column a kind byte: 'n'

@@ -14,6 +14,10 @@ is taken only when the decoder and the assembler each confirm the message is ord
 effects when they decline); everything else, malformed input included, goes through the
 general path, which reads the same bytes again and raises. Both paths therefore give the
 same results and the same errors, which the unit tests check on captured streams.
+
+`pump` is the consumer's way in: it reads frames from the connection (psycopg's
+`get_copy_data`) and takes each run of plain Inserts with the compiled fused path, with no
+Python step per frame, handing back the first frame it does not take for `feed`.
 """
 
 from __future__ import annotations
