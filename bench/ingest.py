@@ -75,6 +75,15 @@ def main() -> None:
             insert_missions(dsn, rows=args.rows, missions=args.missions, tx_size=args.tx_size)
             load_s = time.perf_counter() - t0
             with psycopg.connect(dsn, autocommit=True) as conn:
+                if rnd == 0:
+                    sizes = conn.execute(
+                        "SELECT round(avg(octet_length(data::text))),"
+                        " round(avg(octet_length(field_meta::text))) FROM sync_changes"
+                    ).fetchone()
+                    assert sizes is not None
+                    print(
+                        f"rows as JSON text: data {sizes[0]} B, field_meta {sizes[1]} B on average"
+                    )
                 row = conn.execute(
                     "SELECT pg_current_wal_lsn()::text,"
                     " pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(),"

@@ -248,6 +248,9 @@ is_digit(cursor *c)
     return c->p < c->end && *c->p >= '0' && *c->p <= '9';
 }
 
+/* A number without exponent: what follows it must be a separator, so the caller declines
+   `1e999` (which orjson rejects as infinite) at its `e`. Bounded in length, so never
+   infinite itself. */
 static int
 scan_number(cursor *c)
 {
@@ -272,10 +275,39 @@ scan_number(cursor *c)
             c->p++;
         }
     }
-    if (c->p < c->end && (*c->p == 'e' || *c->p == 'E')) {
+    return c->p - start <= MAX_NUMBER_LEN;
+}
+
+/* The cursor on a container's opening bracket: steps in; 1 when the container closes at
+   once (consumed too), 0 when members follow. */
+static int
+open_container(cursor *c, unsigned char close)
+{
+    c->p++;
+    skip_ws(c);
+    if (c->p < c->end && *c->p == close) {
+        c->p++;
+        return 1;
+    }
+    return 0;
+}
+
+/* After a member: 1 when the container closes here (consumed), 0 when a comma and another
+   member follow, -1 for anything else. */
+static int
+after_member(cursor *c, unsigned char close)
+{
+    skip_ws(c);
+    if (c->p < c->end && *c->p == close) {
+        c->p++;
+        return 1;
+    }
+    if (c->p < c->end && *c->p == ',') {
+        c->p++;
+        skip_ws(c);
         return 0;
     }
-    return c->p - start <= MAX_NUMBER_LEN;
+    return -1;
 }
 
 static int skip_value(cursor *c, int depth);
@@ -285,10 +317,7 @@ static int
 skip_container(cursor *c, int depth)
 {
     unsigned char close = *c->p == '{' ? '}' : ']';
-    c->p++;
-    skip_ws(c);
-    if (c->p < c->end && *c->p == close) {
-        c->p++;
+    if (open_container(c, close)) {
         return 1;
     }
     for (;;) {
@@ -302,19 +331,10 @@ skip_container(cursor *c, int depth)
         if (!skip_value(c, depth)) {
             return 0;
         }
-        skip_ws(c);
-        if (c->p >= c->end) {
-            return 0;
+        int end = after_member(c, close);
+        if (end != 0) {
+            return end > 0;
         }
-        if (*c->p == close) {
-            c->p++;
-            return 1;
-        }
-        if (*c->p != ',') {
-            return 0;
-        }
-        c->p++;
-        skip_ws(c);
     }
 }
 
@@ -348,10 +368,7 @@ skip_value(cursor *c, int depth)
 static int
 scan_stamp_object(cursor *c, meta_entry *e)
 {
-    c->p++;
-    skip_ws(c);
-    if (c->p < c->end && *c->p == '}') {
-        c->p++;
+    if (open_container(c, '}')) {
         return 1;
     }
     for (;;) {
@@ -360,33 +377,19 @@ scan_stamp_object(cursor *c, meta_entry *e)
         if (!scan_string(c, &key, &key_len) || !expect(c, ':')) {
             return 0;
         }
+        int ok;
         if (key_len == 2 && key[0] == 'a' && key[1] == 't') {
             e->text = NULL;
-            if (c->p < c->end && *c->p == '"') {
-                if (!scan_string(c, &e->text, &e->text_len)) {
-                    return 0;
-                }
-            }
-            else if (!skip_value(c, 2)) {
-                return 0;
-            }
+            ok = c->p < c->end && *c->p == '"' ? scan_string(c, &e->text, &e->text_len)
+                                               : skip_value(c, 2);
         }
-        else if (!skip_value(c, 2)) {
-            return 0;
+        else {
+            ok = skip_value(c, 2);
         }
-        skip_ws(c);
-        if (c->p >= c->end) {
-            return 0;
+        int end = ok ? after_member(c, '}') : -1;
+        if (end != 0) {
+            return end > 0;
         }
-        if (*c->p == '}') {
-            c->p++;
-            return 1;
-        }
-        if (*c->p != ',') {
-            return 0;
-        }
-        c->p++;
-        skip_ws(c);
     }
 }
 
@@ -400,49 +403,31 @@ scan_meta(const char *buf, Py_ssize_t len, meta_index *mi)
     if (c.p >= c.end || *c.p != '{') {
         return 0;
     }
-    c.p++;
-    skip_ws(&c);
-    if (c.p < c.end && *c.p == '}') {
-        c.p++;
-    }
-    else {
-        for (;;) {
-            if (mi->n == MAX_META_ENTRIES) {
-                return 0;
-            }
-            meta_entry *e = &mi->e[mi->n++];
-            e->text = NULL;
-            e->text_len = 0;
-            if (!scan_string(&c, &e->name, &e->name_len) || !expect(&c, ':')) {
-                return 0;
-            }
-            int ok;
-            if (c.p < c.end && *c.p == '"') {
-                ok = scan_string(&c, &e->text, &e->text_len);
-            }
-            else if (c.p < c.end && *c.p == '{') {
-                ok = scan_stamp_object(&c, e);
-            }
-            else {
-                ok = skip_value(&c, 1);
-            }
-            if (!ok) {
-                return 0;
-            }
-            skip_ws(&c);
-            if (c.p >= c.end) {
-                return 0;
-            }
-            if (*c.p == '}') {
-                c.p++;
-                break;
-            }
-            if (*c.p != ',') {
-                return 0;
-            }
-            c.p++;
-            skip_ws(&c);
+    int end = open_container(&c, '}');
+    while (end == 0) {
+        if (mi->n == MAX_META_ENTRIES) {
+            return 0;
         }
+        meta_entry *e = &mi->e[mi->n++];
+        e->text = NULL;
+        e->text_len = 0;
+        if (!scan_string(&c, &e->name, &e->name_len) || !expect(&c, ':')) {
+            return 0;
+        }
+        int ok;
+        if (c.p < c.end && *c.p == '"') {
+            ok = scan_string(&c, &e->text, &e->text_len);
+        }
+        else if (c.p < c.end && *c.p == '{') {
+            ok = scan_stamp_object(&c, e);
+        }
+        else {
+            ok = skip_value(&c, 1);
+        }
+        end = ok ? after_member(&c, '}') : -1;
+    }
+    if (end < 0) {
+        return 0;
     }
     skip_ws(&c);
     return c.p == c.end;

@@ -205,15 +205,21 @@ def test_garbage_frames_give_an_output_or_decode_error(buf: bytes) -> None:
             pass
 
 
-@pytest.mark.parametrize("proto", [1, 2])
-def test_the_received_position_is_the_frames_wal_end(proto: int) -> None:
-    # The server sends equal WAL start and end in XLogData; a frame whose two differ must
-    # still advance the received position to its WAL end, as the general path does.
+def _with_wal_end_moved(proto: int) -> tuple[int, bytes, int]:
+    """The first plain Insert frame with its WAL end moved beyond every position received
+    before it: its index, the frame, the new WAL end. The server sends equal WAL start and
+    end in XLogData, but a frame whose two differ must still advance the received position
+    to its WAL end, as the general path does."""
     index = INSERTS[proto][0]
     buf = CAPTURES[proto][index]
     (start,) = struct.unpack_from("!Q", buf, 1)
-    end = start + 0x100  # beyond every position received before
-    moved = buf[:9] + struct.pack("!Q", end) + buf[17:]
+    end = start + 0x100
+    return index, buf[:9] + struct.pack("!Q", end) + buf[17:], end
+
+
+@pytest.mark.parametrize("proto", [1, 2])
+def test_the_received_position_is_the_frames_wal_end(proto: int) -> None:
+    index, moved, end = _with_wal_end_moved(proto)
     reader, general = _prefix_until(proto, index)
     assert run(reader.feed, moved) == run(general.feed, moved)
     assert reader.received_lsn == general.received == end
@@ -344,11 +350,7 @@ def test_a_connection_failing_while_pumping_raises_and_keeps_what_was_taken(prot
 
 @pytest.mark.parametrize("proto", [1, 2])
 def test_pumping_moves_the_received_position_to_the_frames_wal_end(proto: int) -> None:
-    index = INSERTS[proto][0]
-    buf = CAPTURES[proto][index]
-    (start,) = struct.unpack_from("!Q", buf, 1)
-    end = start + 0x100  # beyond every position received before
-    moved = buf[:9] + struct.pack("!Q", end) + buf[17:]
+    index, moved, end = _with_wal_end_moved(proto)
     reader, general = _prefix_until(proto, index)
     conn = CopyData([moved])
     _, _, rest = reader.pump(conn, 1)
