@@ -44,7 +44,7 @@ test-pg15: $(STAMP)
 	MISSION_RUNNER_TEST_PG_BINDIR=$(PG15_BINDIR) MISSION_RUNNER_PURE_PYTHON=1 $(PY) -m pytest -q tests/integration
 
 lint: $(STAMP)
-	$(PY) -m ruff check stream projections planner writer mission_runner tests bench
+	$(PY) -m ruff check core stream projections planner writer mission_runner tests bench
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import bench_server, create_schema  # noqa: E402
+from core.instants import parse_stamp  # noqa: E402
 from mission_runner.app import open_app  # noqa: E402
 from mission_runner.cli import serve  # noqa: E402
 from mission_runner.settings import Settings  # noqa: E402
-from projections.merge import parse_stamp  # noqa: E402
 
 TITLE = re.compile(rb"bench mission (m\d+)")
 

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import bench_server, create_schema, insert_missions  # noqa: E402
+from core.lsn import Lsn  # noqa: E402
 from mission_runner.migrations import migrate  # noqa: E402
 from mission_runner.runtime import tune_gc  # noqa: E402
 from projections import persistence  # noqa: E402
@@ -56,7 +57,6 @@ from projections.projector import Projector  # noqa: E402
 from projections.rows import ChangeRow  # noqa: E402
 from projections.stores import SnapshotStore  # noqa: E402
 from stream.frames import PrimaryKeepalive, parse_frame  # noqa: E402
-from stream.lsn import Lsn  # noqa: E402
 from stream.pgoutput import TupleData  # noqa: E402
 from stream.reader import FrameReader  # noqa: E402
 from stream.slots import publication_ddl  # noqa: E402

@@ -18,9 +18,9 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from mission_runner.clock import Clock, SystemClock
+from core.clock import Clock, SystemClock
+from core.errors import ConfigurationError
 from mission_runner.embedded import EmbeddedPostgres
-from mission_runner.errors import ConfigurationError
 from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
 from mission_runner.missions import MissionRuntime

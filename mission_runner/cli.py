@@ -17,12 +17,13 @@ from typing import Any
 
 import psycopg
 
+from core import failpoints
+from core.errors import ConfigurationError, MissionRunnerError, SetupError
+from core.lsn import Lsn
 from mission_runner import doctor as doctor_mod
-from mission_runner import failpoints
 from mission_runner.app import App, open_app, redact, resolve_database
 from mission_runner.demo import DemoUsers
 from mission_runner.devschema import create_dev_schema
-from mission_runner.errors import ConfigurationError, MissionRunnerError, SetupError
 from mission_runner.logs import setup_logging
 from mission_runner.migrations import migrate
 from mission_runner.runtime import tune_gc
@@ -31,7 +32,6 @@ from mission_runner.status import collect_status, format_status
 from mission_runner.tracing import setup_tracing
 from projections import persistence
 from stream import slots
-from stream.lsn import Lsn
 
 log = logging.getLogger("mission_runner")
 

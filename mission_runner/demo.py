@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import psycopg
 
-from mission_runner.clock import Clock
+from core.clock import Clock
 from mission_runner.missions import MissionRuntime
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from core import sync_changes as sc
 from mission_runner.settings import Settings
 from stream import slots
 
@@ -35,7 +36,7 @@ async def run_checks(
     checks: list[Check] = []
     version = conn.info.server_version
     user = conn.info.user
-    table = f"{slots.SOURCE_SCHEMA}.{slots.SOURCE_TABLE}"
+    table = f"{sc.QUALIFIED_NAME}"
 
     if version < 140000:
         checks.append(

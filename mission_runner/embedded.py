@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from mission_runner.errors import ConfigurationError
+from core.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

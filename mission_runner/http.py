@@ -18,14 +18,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mission_runner.clock import Clock
-from mission_runner.errors import ConfigurationError
+from core.clock import Clock
+from core.errors import ConfigurationError
+from core.instants import format_stamp
 from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
 from mission_runner.missions import MissionRuntime
 from mission_runner.monitor import LagMonitor
 from mission_runner.settings import Settings
-from projections.merge import format_stamp
 
 log = logging.getLogger(__name__)
 

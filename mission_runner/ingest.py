@@ -24,30 +24,31 @@ import psycopg
 from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool
 
-from mission_runner import failpoints
-from mission_runner.clock import Clock
-from mission_runner.errors import (
-    ConnectionLostError,
-    DecodeError,
-    MissionRunnerError,
-    PersistenceError,
-    ReplicationError,
-    SetupError,
-    SlotInUseError,
-    SlotLostError,
-)
-from mission_runner.leader import LeaderLock, LeadershipLost
+from core import failpoints
+from core import sync_changes as sc
+from core.clock import Clock
+from core.errors import MissionRunnerError, SetupError
+from core.lsn import Lsn
+from mission_runner.leader import LeaderLock
 from mission_runner.metrics import Metrics
 from mission_runner.migrations import migrate
 from mission_runner.settings import Settings
 from projections import persistence
 from projections.backfill import load_table
+from projections.errors import PersistenceError
 from projections.persistence import Checkpoint, PersistBatch
 from projections.projector import DeadLetter, Outcome, Projector
 from projections.stores import SnapshotStore
 from stream import slots
 from stream.consumer import ReplicationConnection, StreamOptions
-from stream.lsn import Lsn
+from stream.errors import (
+    ConnectionLostError,
+    DecodeError,
+    LeadershipLost,
+    ReplicationError,
+    SlotInUseError,
+    SlotLostError,
+)
 from stream.pgoutput import LogicalMessage
 from stream.transactions import CommittedTransaction
 
@@ -160,8 +161,8 @@ class Ingestor:
         async with self.pool.connection() as conn:
             if not await slots.source_table_exists(conn):
                 raise SetupError(
-                    f"table {slots.SOURCE_SCHEMA}.{slots.SOURCE_TABLE} does not exist",
-                    hint="point DATABASE_URL at the sync service's database "
+                    f"table {sc.QUALIFIED_NAME} does not exist",
+                    fix="point DATABASE_URL at the sync service's database "
                     "(for development: mission-runner dev-schema)",
                 )
             await slots.ensure_publication(conn, self.settings.publication)
@@ -505,7 +506,7 @@ class Ingestor:
                 self.metrics.reconnects.labels("connection").inc()
                 attempt += 1
                 delay = self._backoff(attempt)
-            except (DecodeError, ReplicationError, PersistenceError, psycopg.Error) as exc:
+            except (DecodeError, ReplicationError, SetupError, PersistenceError) as exc:
                 self.last_error = str(exc)
                 log.error("replication failed: %s", exc)
                 self.metrics.reconnects.labels(type(exc).__name__).inc()

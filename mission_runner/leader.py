@@ -13,7 +13,8 @@ import logging
 
 import psycopg
 
-from mission_runner.errors import ConnectionLostError, MissionRunnerError
+from core.errors import MissionRunnerError
+from stream.errors import ConnectionLostError
 
 log = logging.getLogger(__name__)
 

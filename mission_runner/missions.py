@@ -31,20 +31,20 @@ import psycopg
 from opentelemetry import trace
 from psycopg_pool import AsyncConnectionPool
 
-from mission_runner import failpoints
-from mission_runner.clock import Clock
-from mission_runner.errors import PlannerError
+from core import failpoints
+from core.clock import Clock
+from core.json_types import JsonValue
 from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
 from mission_runner.settings import Settings
 from planner.budget import TokenBudget
 from planner.due import MissionKey, Occurrence, occurrence_of
+from planner.errors import PlannerError
 from planner.gates import LEGACY_AGENT_ID, Decision, GateResult, decide
 from planner.scheduler import Scheduler
 from planner.service import MissionPlanner, PlanOutcome
 from projections.merge import agent_view
 from projections.projector import Outcome
-from projections.rows import JsonValue
 from writer import ledger, usage
 from writer.iterations import (
     WriteBack,

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from mission_runner.clock import Clock
+from core.clock import Clock
+from core.lsn import Lsn
 from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
 from stream import slots
-from stream.lsn import Lsn
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mission_runner.errors import ConfigurationError
+from core.errors import ConfigurationError
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -128,7 +128,7 @@ class Settings:
     otel_enabled: bool = False
     otel_protocol: str = "http/protobuf"
     otel_service_name: str = "mission-runner"
-    # Crash testing only (see mission_runner/failpoints.py).
+    # Crash testing only (see core/failpoints.py).
     failpoints: str | None = None
 
     @classmethod

@@ -26,8 +26,8 @@ from typing import Literal, TypeAlias
 
 import orjson
 
-from mission_runner.errors import ConfigurationError
-from projections.rows import JsonValue
+from core.errors import ConfigurationError
+from core.json_types import JsonValue
 
 Decision: TypeAlias = Literal["auto", "propose", "deny"]
 """A tool policy decision (domain.md §4)."""

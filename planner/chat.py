@@ -26,9 +26,10 @@ from typing import TypeAlias
 import orjson
 from yarl import URL
 
-from mission_runner.errors import ConfigurationError, PlannerError
+from core.errors import ConfigurationError
+from core.json_types import JsonValue
 from planner.catalog import ToolSpec
-from projections.rows import JsonValue
+from planner.errors import PlannerError
 
 DEFAULT_MODEL = "mana/reasoning"
 DEFAULT_TIMEOUT = 120.0

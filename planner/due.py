@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from projections.merge import format_stamp, parse_stamp
-from projections.rows import JsonValue
+from core.instants import format_stamp, parse_stamp
+from core.json_types import JsonValue
 
 MissionKey = tuple[str, str]  # (user_id, mission_id)
 

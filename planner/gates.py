@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from projections.rows import JsonValue
+from core.json_types import JsonValue
 
 LEGACY_AGENT_ID: Final = "legacy:ai-default"
 LEGACY_AGENT_NAME: Final = "Mana"

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import aiohttp
 from opentelemetry import trace
 
-from mission_runner.clock import Clock, SystemClock
-from mission_runner.errors import ConfigurationError
+from core.clock import Clock, SystemClock
+from core.errors import ConfigurationError
 from planner.catalog import ToolSpec
 from planner.chat import (
     DEFAULT_MODEL,

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
+from core.json_types import JsonValue
 from planner.catalog import Decision
 from planner.chat import (
     ChatCompletion,
@@ -33,7 +34,6 @@ from planner.chat import (
 )
 from planner.policy import OfferedTool
 from planner.prompt import MissionBrief
-from projections.rows import JsonValue
 
 if TYPE_CHECKING:
     from planner.llm import ChatClient  # the aiohttp shell; not imported to plan offline

@@ -30,13 +30,13 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from mission_runner.clock import Clock
+from core.clock import Clock
+from core.json_types import JsonValue
 from planner.catalog import ToolSpec
 from planner.chat import Usage
 from planner.loop import CallRecord, PlannedStep, PlanRequest, PlanResult
 from planner.policy import OfferedTool
 from planner.prompt import MissionBrief
-from projections.rows import JsonValue
 
 PROVIDER = "offline"
 MAX_STEPS = 3

@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from core.json_types import JsonValue
 from planner.catalog import Catalog, Decision, ToolSpec, as_decision
-from projections.rows import JsonValue
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from core.json_types import JsonValue
 from planner.chat import Message, SystemMessage, UserMessage
-from projections.rows import JsonValue
 
 CIPHERTEXT_PREFIX = "enc:"
 MAX_ITERATIONS = 3

@@ -18,7 +18,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 
-from mission_runner.clock import Clock
+from core.clock import Clock
 from planner.due import MissionKey, Occurrence
 
 

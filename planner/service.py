@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from core.json_types import JsonValue
 from planner.catalog import Catalog
 from planner.gates import GateResult
 from planner.loop import CallRecord, PlannedStep, Planner, PlanRequest
 from planner.policy import offered_tools
 from planner.prompt import ResolvedInput, build_prompt
-from projections.rows import JsonValue
 from writer.iterations import Step
 
 _UNRESOLVED = "(content not available to the server planner)"

@@ -12,12 +12,10 @@ from psycopg import AsyncConnection, sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 
-from mission_runner.errors import SetupError
-from projections.decode import COLUMNS
+from core import sync_changes as sc
+from core.errors import SetupError
+from core.lsn import Lsn
 from projections.projector import Outcome, Projector
-from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE
-from stream.lsn import Lsn
-from stream.slots import SOURCE_SCHEMA, SOURCE_TABLE
 
 _FETCH = 5000
 
@@ -30,15 +28,15 @@ class _BytesLoader(Loader):
 
 
 def load_query() -> sql.Composed:
-    cols = [sql.SQL("{}::text").format(sql.Identifier(c)) for c in COLUMNS]
+    cols = [sql.SQL("{}::text").format(sql.Identifier(c)) for c in sc.COLUMNS]
     return sql.SQL(
         "SELECT {cols} FROM {table} WHERE app_id = {app} AND table_name IN ({m}, {a})"
     ).format(
         cols=sql.SQL(", ").join(cols),
-        table=sql.Identifier(SOURCE_SCHEMA, SOURCE_TABLE),
-        app=sql.Literal(APP_ID),
-        m=sql.Literal(MISSIONS_TABLE),
-        a=sql.Literal(AGENTS_TABLE),
+        table=sql.Identifier(sc.SOURCE_SCHEMA, sc.SOURCE_TABLE),
+        app=sql.Literal(sc.APP_ID),
+        m=sql.Literal(sc.MISSIONS_TABLE),
+        a=sql.Literal(sc.AGENTS_TABLE),
     )
 
 
@@ -49,13 +47,13 @@ async def check_can_read_all(conn: AsyncConnection[tuple[object, ...]]) -> None:
         " pg_get_userbyid(c.relowner) = current_user"
         " FROM pg_roles r, pg_class c"
         " WHERE r.rolname = current_user AND c.oid = to_regclass(%s)",
-        (f"{SOURCE_SCHEMA}.{SOURCE_TABLE}",),
+        (sc.QUALIFIED_NAME,),
     )
     row = await cur.fetchone()
     if row is None:
         raise SetupError(
-            f"table {SOURCE_SCHEMA}.{SOURCE_TABLE} does not exist",
-            hint="point DATABASE_URL at the sync service's database "
+            f"table {sc.QUALIFIED_NAME} does not exist",
+            fix="point DATABASE_URL at the sync service's database "
             "(for development: mission-runner dev-schema)",
         )
     bypass, rls, forced, owner = (bool(v) for v in row)
@@ -64,7 +62,7 @@ async def check_can_read_all(conn: AsyncConnection[tuple[object, ...]]) -> None:
         raise SetupError(
             f"role {user!r} cannot read every user's rows of sync_changes: row-level security"
             " applies and the role lacks BYPASSRLS",
-            hint=f"ALTER ROLE {user} BYPASSRLS;  (needed for the initial load and rebuilds)",
+            fix=f"ALTER ROLE {user} BYPASSRLS;  (needed for the initial load and rebuilds)",
         )
 
 
@@ -83,7 +81,7 @@ async def load_table(
     """
     await check_can_read_all(conn)
     outcome = Outcome()
-    idx = tuple(range(len(COLUMNS)))
+    idx = tuple(range(len(sc.COLUMNS)))
     await conn.execute("SET TIME ZONE 'UTC'")
     await conn.execute("SET datestyle = 'ISO'")
     async with conn.transaction():

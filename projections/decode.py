@@ -23,11 +23,9 @@ from typing import Final
 
 import orjson
 
-from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow, JsonValue
-from stream.slots import PUBLISHED_COLUMNS
-
-# The columns we read, in this order, from a row of sync_changes.
-COLUMNS: Final = PUBLISHED_COLUMNS  # the publication sends exactly these (PostgreSQL 15+)
+from core.json_types import JsonValue
+from core.sync_changes import AGENTS_TABLE, APP_ID, COLUMNS, MISSIONS_TABLE
+from projections.rows import ChangeRow
 
 _APP = APP_ID.encode()
 _TABLES: Final = {MISSIONS_TABLE.encode(): MISSIONS_TABLE, AGENTS_TABLE.encode(): AGENTS_TABLE}

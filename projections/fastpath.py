@@ -18,6 +18,7 @@ from typing import Final
 
 import orjson
 
+from core import instants
 from projections import decode, merge
 from stream.speedups import pure_python
 from stream.transactions import RowInsert
@@ -40,9 +41,9 @@ def _load() -> tuple[FastApply, FastApplyInserts] | None:
     _speedups.configure(
         orjson.loads,
         decode._created_at_us,
-        merge._parse_text,
+        instants.parse_stamp_text,
         merge.UNSTAMPED,
-        merge._MAX_STAMP_LEN,
+        instants.MAX_STAMP_LEN,
         merge.RecordState,
         RowInsert,
     )

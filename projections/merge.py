@@ -8,13 +8,9 @@ record flags only ever go from False to True, the merge is a join (semilattice):
 does not depend on row order, replaying a row changes nothing, and two partial states join
 into the state of all their rows (`merge_states`).
 
-Stamps (domain.md §2, Decision: compare instants, not text). A stamp is an RFC 3339 date-time
-with an explicit offset: `YYYY-MM-DD` `T` (or one space) `HH:MM:SS`, optionally `.` and 1 to 9
-fraction digits (digits beyond the microsecond are truncated), then `Z` or `±HH`, `±HHMM`,
-`±HH:MM`. Rejected, so they fall back to the row's `created_at` and are counted: naive
-date-times (JS reads them in the writer's local zone, which we cannot know), date-only text,
-lower-case `t`/`z`, leap seconds, out-of-range fields, and anything that is not a string or an
-object with a string `at`. JS `toISOString()` output (`…00.000Z`) always parses.
+Stamps are parsed to instants (`core.instants.parse_stamp`, domain.md §2, Decision: compare
+instants, not text); a stamp that is not a valid instant falls back to the row's `created_at`
+and is counted.
 
 Decisions where the domain left room:
 - A delete row's `data` (`{deletedAt}` or `{}`) is never a candidate value (§2 lists only
@@ -34,17 +30,17 @@ Decisions where the domain left room:
 
 from __future__ import annotations
 
-import re
 import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Final, TypeAlias
 
-from projections.rows import OP_DELETE, OP_INSERT, ChangeRow, JsonValue
-from stream.lsn import Lsn
+from core.instants import MAX_STAMP_LEN, format_stamp, parse_stamp_text
+from core.json_types import JsonValue
+from core.lsn import Lsn
+from core.sync_changes import OP_DELETE, OP_INSERT
+from projections.rows import ChangeRow
 
 FieldKey: TypeAlias = bytes
 """`(stamp_us, created_at_us, event_id)` encoded by `make_key`: the greatest key of a field
@@ -61,78 +57,6 @@ _UNSTAMPED_BIASED: Final = UNSTAMPED + _BIAS
 
 RESERVED_FIELDS: Final = frozenset(("id", "__fieldMeta"))
 """Fields of `data` that are not merged: `to_record` derives them."""
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_US: Final = timedelta(microseconds=1)
-_MAX_STAMP_LEN: Final = 38  # longest text the grammar below accepts is 35 characters
-_STAMP_TEXT: Final = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}"
-    r"(?:\.[0-9]{1,9})?(?:Z|[+-](?:[01][0-9]|2[0-3])(?::?[0-5][0-9])?)"
-)
-
-
-# --- stamps ------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=4096)
-def _parse_text(text: str) -> int | None:
-    # The regex fixes the grammar (offsets bounded to ±23:59); datetime.fromisoformat (C,
-    # ~0.1 µs) checks the calendar and clock fields, does the arithmetic, and truncates
-    # fractions beyond 6 digits.
-    if _STAMP_TEXT.fullmatch(text) is None:
-        return None
-    try:
-        return (datetime.fromisoformat(text) - _EPOCH) // _ONE_US
-    except ValueError:  # month 13, Feb 30, hour 24, second 60, year 0
-        return None
-
-
-def parse_stamp(value: object) -> int | None:
-    """The instant of a `field_meta` entry in µs since the epoch, or None if it has none.
-
-    `value` is a legacy ISO string or an object whose `at` is one; see the module docstring
-    for the accepted text. `…00Z`, `…00.000Z` and `…02:00:00+02:00` are the same instant.
-    """
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, dict):
-        at = value.get("at")
-        if not isinstance(at, str):
-            return None
-        text = at
-    else:
-        return None
-    if len(text) > _MAX_STAMP_LEN:  # also keeps huge junk out of the cache
-        return None
-    return _parse_text(text)
-
-
-def _civil_from_days(days: int) -> tuple[int, int, int]:
-    # H. Hinnant's days -> (year, month, day), proleptic Gregorian, valid for every int.
-    z = days + 719468
-    era = z // 146097
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    day = doy - (153 * mp + 2) // 5 + 1
-    month = mp + 3 if mp < 10 else mp - 9
-    return yoe + era * 400 + (month <= 2), month, day
-
-
-@lru_cache(maxsize=4096)
-def format_stamp(us: int) -> str:
-    """ISO-8601 UTC text with `Z`, like JS `toISOString()`: milliseconds when the instant has
-    no sub-millisecond part, else microseconds; years outside 0..9999 as `±YYYYYY`."""
-    seconds, fraction = divmod(us, 1_000_000)
-    days, second_of_day = divmod(seconds, 86400)
-    year, month, day = _civil_from_days(days)
-    hour, rest = divmod(second_of_day, 3600)
-    minute, second = divmod(rest, 60)
-    year_text = f"{year:04d}" if 0 <= year <= 9999 else f"{year:+07d}"
-    frac_text = f"{fraction // 1000:03d}" if fraction % 1000 == 0 else f"{fraction:06d}"
-    return f"{year_text}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{frac_text}Z"
-
 
 # --- merge keys --------------------------------------------------------------------------
 #
@@ -327,7 +251,7 @@ def apply_row(state: RecordState, row: ChangeRow) -> ApplyOutcome:
             if isinstance(text, str):
                 if text != last_text:
                     last_text = text
-                    last_parsed = _parse_text(text) if len(text) <= _MAX_STAMP_LEN else None
+                    last_parsed = parse_stamp_text(text) if len(text) <= MAX_STAMP_LEN else None
                 stamp = last_parsed
             else:
                 stamp = None

@@ -15,9 +15,9 @@ from typing import Final
 import orjson
 from psycopg import AsyncConnection, sql
 
+from core.lsn import Lsn
 from projections.merge import RecordState, keys_to_json, state_from_persisted, to_record
 from projections.projector import DeadLetter
-from stream.lsn import Lsn
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

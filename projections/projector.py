@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from core.json_types import JsonValue
+from core.lsn import ZERO, Lsn
+from core.sync_changes import MISSIONS_TABLE
 from projections import fastpath
 from projections.decode import Picker, Rejected, Value, column_indexes, decode_columns, picker
-from projections.rows import MISSIONS_TABLE, JsonValue
 from projections.stores import SnapshotStore
-from stream.lsn import ZERO, Lsn
 from stream.messages import Relation
 from stream.transactions import CommittedTransaction, RowInsert
 

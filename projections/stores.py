@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final, Literal, TypeAlias
 
+from core.json_types import JsonValue
+from core.lsn import Lsn
+from core.sync_changes import AGENTS_TABLE, APP_ID, MISSIONS_TABLE
 from projections.merge import (
     ApplyOutcome,
     RecordState,
@@ -27,8 +30,7 @@ from projections.merge import (
     merge_into,
     mission_view,
 )
-from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow, JsonValue
-from stream.lsn import Lsn
+from projections.rows import ChangeRow
 
 Kind: TypeAlias = Literal["mission", "agent"]
 StoreKey: TypeAlias = tuple[str, str]

@@ -27,15 +27,10 @@ from typing import Literal, Protocol
 import psycopg
 from psycopg import pq
 
-from mission_runner.clock import Clock
-from mission_runner.errors import (
-    ConnectionLostError,
-    ReplicationError,
-    SlotInUseError,
-    SlotLostError,
-)
+from core.clock import Clock
+from core.lsn import ZERO, Lsn
+from stream.errors import ConnectionLostError, ReplicationError, SlotInUseError, SlotLostError
 from stream.frames import PrimaryKeepalive, encode_status_update
-from stream.lsn import ZERO, Lsn
 from stream.messages import LogicalMessage
 from stream.reader import FrameReader
 from stream.transactions import CommittedTransaction

@@ -23,8 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from mission_runner.errors import DecodeError, ProtocolUsageError
-from stream.lsn import Lsn
+from core.lsn import Lsn
+from stream.errors import DecodeError, ProtocolUsageError
 
 PG_EPOCH_OFFSET_US: Final = 946_684_800_000_000
 """Microseconds from 1970-01-01 to 2000-01-01 (both UTC): Unix µs = PostgreSQL µs + this."""

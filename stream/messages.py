@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
-from stream.lsn import Lsn
+from core.lsn import Lsn
 
 
 class Unchanged(enum.Enum):

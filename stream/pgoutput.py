@@ -29,9 +29,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Final, TypeAlias, cast
 
-from mission_runner.errors import DecodeError, ProtocolUsageError
+from core.lsn import Lsn
+from stream.errors import DecodeError, ProtocolUsageError
 from stream.frames import PG_EPOCH_OFFSET_US
-from stream.lsn import Lsn
 from stream.messages import (
     UNCHANGED,
     Begin,

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final, TypeAlias
 
+from core.lsn import Lsn
 from stream.frames import (
     XLOG_PAYLOAD_AT,
     PrimaryKeepalive,
@@ -32,7 +33,6 @@ from stream.frames import (
     parse_frame,
     xlog_wal_end,
 )
-from stream.lsn import Lsn
 from stream.messages import LogicalMessage, Relation
 from stream.pgoutput import PgOutputDecoder
 from stream.transactions import (

@@ -13,25 +13,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from mission_runner.errors import SetupError
-from stream.lsn import Lsn
+from core import sync_changes as sc
+from core.errors import SetupError
+from core.lsn import Lsn
+from core.sync_changes import COLUMNS
 
-SOURCE_SCHEMA = "public"
-SOURCE_TABLE = "sync_changes"
-ROW_FILTER = "(app_id = 'ai'::text)"
-# The columns the consumer reads. On PostgreSQL 15+ the publication sends only these
-# (a column list), so the other columns of every row are neither sent nor decoded.
-PUBLISHED_COLUMNS = (
-    "id",
-    "app_id",
-    "table_name",
-    "record_id",
-    "user_id",
-    "op",
-    "data",
-    "field_meta",
-    "created_at",
-)
 ROW_FILTER_MIN_VERSION = 150000
 
 
@@ -110,7 +96,7 @@ async def check_slot_usable(conn: AsyncConnection[tuple[object, ...]], slot: Slo
             f"replication slot {slot.name!r} exists but is not a pgoutput slot of database "
             f"{dbname!r} (plugin {slot.plugin!r}, database {slot.database!r})",
             slot=slot.name,
-            hint="set MISSION_RUNNER_SLOT to an unused name, or drop that slot",
+            fix="set MISSION_RUNNER_SLOT to an unused name, or drop that slot",
         )
 
 
@@ -158,13 +144,13 @@ async def slot_lag(conn: AsyncConnection[tuple[object, ...]], name: str) -> Slot
 
 
 def publication_ddl(name: str, version: int) -> sql.Composed:
-    table = sql.Identifier(SOURCE_SCHEMA, SOURCE_TABLE)
+    table = sql.Identifier(sc.SOURCE_SCHEMA, sc.SOURCE_TABLE)
     if version >= ROW_FILTER_MIN_VERSION:
         return sql.SQL(
             "CREATE PUBLICATION {} FOR TABLE {} ({}) WHERE (app_id = 'ai')"
             " WITH (publish = 'insert')"
         ).format(
-            sql.Identifier(name), table, sql.SQL(", ").join(map(sql.Identifier, PUBLISHED_COLUMNS))
+            sql.Identifier(name), table, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
         )
     return sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
         sql.Identifier(name), table
@@ -189,7 +175,7 @@ class PublicationInfo:
 
 async def source_table_exists(conn: AsyncConnection[tuple[object, ...]]) -> bool:
     cur = await conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{SOURCE_SCHEMA}.{SOURCE_TABLE}",)
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{sc.QUALIFIED_NAME}",)
     )
     row = await cur.fetchone()
     return bool(row and row[0])
@@ -215,7 +201,7 @@ async def get_publication(
         " LEFT JOIN pg_publication_rel pr ON pr.prpubid = p.oid"
         "  AND pr.prrelid = to_regclass(%s)"
         " WHERE p.pubname = %s",
-        (f"{SOURCE_SCHEMA}.{SOURCE_TABLE}", name),
+        (f"{sc.QUALIFIED_NAME}", name),
     )
     row = await cur.fetchone()
     if row is None:
@@ -244,14 +230,14 @@ async def ensure_publication(
             await conn.execute(ddl)
         except psycopg.errors.UndefinedTable:
             raise SetupError(
-                f"table {SOURCE_SCHEMA}.{SOURCE_TABLE} does not exist",
-                hint="point DATABASE_URL at the sync service's database "
+                f"table {sc.QUALIFIED_NAME} does not exist",
+                fix="point DATABASE_URL at the sync service's database "
                 "(for development: mission-runner dev-schema)",
             ) from None
         except psycopg.errors.InsufficientPrivilege as exc:
             raise SetupError(
                 f"cannot create publication {name!r}: {exc}",
-                hint=f"as the owner of {SOURCE_SCHEMA}.{SOURCE_TABLE} run: {ddl.as_string(conn)}",
+                fix=f"as the owner of {sc.QUALIFIED_NAME} run: {ddl.as_string(conn)}",
             ) from None
         info = await get_publication(conn, name)
         assert info is not None
@@ -261,18 +247,18 @@ async def ensure_publication(
     ).as_string(conn)
     if not info.has_table:
         raise SetupError(
-            f"publication {name!r} does not include {SOURCE_SCHEMA}.{SOURCE_TABLE}", hint=fix
+            f"publication {name!r} does not include {sc.QUALIFIED_NAME}", fix=fix
         )
     if not info.inserts:
-        raise SetupError(f"publication {name!r} does not publish inserts", hint=fix)
-    if info.columns is not None and (missing := set(PUBLISHED_COLUMNS) - set(info.columns)):
+        raise SetupError(f"publication {name!r} does not publish inserts", fix=fix)
+    if info.columns is not None and (missing := set(COLUMNS) - set(info.columns)):
         raise SetupError(
-            f"publication {name!r} does not send the columns {sorted(missing)}", hint=fix
+            f"publication {name!r} does not send the columns {sorted(missing)}", fix=fix
         )
     if info.row_filter is not None and (info.updates or info.deletes):
         raise SetupError(
             f"publication {name!r} has a row filter and publishes updates or deletes: "
             "DELETEs on sync_changes by other services would fail",
-            hint=fix,
+            fix=fix,
         )
     return info

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, TypeAlias
 
-from mission_runner.errors import DecodeError
-from stream.lsn import Lsn
+from core.lsn import Lsn
+from stream.errors import DecodeError
 from stream.messages import (
     UNCHANGED,
     Begin,

@@ -16,9 +16,8 @@ from typing import Final
 import orjson
 from psycopg import AsyncConnection
 
-from projections.merge import format_stamp
-from projections.persistence import us_to_datetime
-from projections.rows import JsonValue
+from core.instants import format_stamp, us_to_datetime
+from core.json_types import JsonValue
 from writer.ledger import FINAL
 from writer.with_user import with_user
 

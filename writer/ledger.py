@@ -13,7 +13,7 @@ from datetime import datetime
 
 from psycopg import AsyncConnection
 
-from projections.persistence import datetime_to_us, us_to_datetime
+from core.instants import datetime_to_us, us_to_datetime
 
 FINAL = frozenset({"written", "failed"})
 

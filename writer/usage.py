@@ -8,7 +8,7 @@ from datetime import datetime
 
 from psycopg import AsyncConnection
 
-from projections.persistence import datetime_to_us
+from core.instants import datetime_to_us
 
 KEEP_HOURS = 48
 

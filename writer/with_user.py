@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from psycopg import AsyncConnection
 
-from mission_runner.errors import WriterError
+from writer.errors import WriterError
 
 
 @asynccontextmanager

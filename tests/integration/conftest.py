@@ -19,17 +19,17 @@ import orjson
 import psycopg
 import pytest
 
+from core.lsn import Lsn
+from core.sync_changes import COLUMNS
 from mission_runner.app import App, open_app
 from mission_runner.devschema import DDL
 from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
 from mission_runner.missions import MissionRuntime
 from mission_runner.settings import Settings
-from projections.decode import COLUMNS
 from projections.merge import to_record
 from projections.projector import Outcome, Projector
 from projections.stores import SnapshotStore
-from stream.lsn import Lsn
 from tests.fix_pg import TestDatabase
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import time
 import pytest
 from psycopg import conninfo
 
-from stream.lsn import Lsn
+from core.lsn import Lsn
 from tests.fix_pg import TestDatabase
 from tests.integration.conftest import (
     ROOT,

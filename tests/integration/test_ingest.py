@@ -7,8 +7,8 @@ import asyncio
 import psycopg
 import pytest
 
+from core.sync_changes import COLUMNS
 from mission_runner.metrics import Metrics
-from stream.slots import PUBLISHED_COLUMNS
 from tests.fix_pg import TestDatabase
 from tests.integration.conftest import (
     Change,
@@ -76,7 +76,7 @@ async def test_rows_from_other_connections_reach_memory_and_tables(db: TestDatab
 
 
 def psycopg_lsn(text: str):  # type: ignore[no-untyped-def]
-    from stream.lsn import Lsn
+    from core.lsn import Lsn
 
     return Lsn.parse(text)
 
@@ -107,7 +107,7 @@ async def test_other_apps_are_filtered_on_the_server(db: TestDatabase) -> None:
             " WHERE t.pubname = 'mission_runner'"
         ).fetchone()
     assert row is not None
-    assert row[0] == list(PUBLISHED_COLUMNS)
+    assert row[0] == list(COLUMNS)
     assert "app_id" in row[1] and row[2:] == (True, False, False)
 
 

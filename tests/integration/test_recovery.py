@@ -11,8 +11,8 @@ import sys
 import psycopg
 import pytest
 
+from core.lsn import Lsn
 from mission_runner.metrics import Metrics
-from stream.lsn import Lsn
 from tests.fix_pg import PgServer, TestDatabase
 from tests.integration.conftest import (
     ROOT,

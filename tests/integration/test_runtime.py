@@ -8,10 +8,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from core.instants import parse_stamp
 from mission_runner.metrics import Metrics
 from mission_runner.settings import Settings
 from planner.gates import LEGACY_AGENT_ID
-from projections.merge import parse_stamp
 from tests.fix_llm import Call, FakeLLM, ProviderFail, Reply, ServerError, Slow
 from tests.fix_pg import TestDatabase
 from tests.integration.conftest import (

@@ -7,7 +7,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from mission_runner.errors import ConfigurationError
+from core.errors import ConfigurationError
+from core.json_types import JsonValue
 from planner.catalog import (
     DECISIONS,
     SETTING,
@@ -16,7 +17,6 @@ from planner.catalog import (
     load_catalog,
     parse_catalog,
 )
-from projections.rows import JsonValue
 
 
 def _entry(**overrides: JsonValue) -> dict[str, JsonValue]:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.sync_changes import AGENTS_TABLE, APP_ID, COLUMNS, MISSIONS_TABLE
 from projections.decode import (
-    COLUMNS,
     Rejected,
     Value,
     _change_row,
@@ -23,7 +23,7 @@ from projections.decode import (
     raw_columns,
     wanted,
 )
-from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow
+from projections.rows import ChangeRow
 from stream.pgoutput import UNCHANGED
 
 EVENT = b"0b6f7c1e-3d2a-4f5b-9c8d-7e6f5a4b3c2d"

@@ -18,12 +18,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from core.lsn import Lsn
+from core.sync_changes import COLUMNS
 from projections import fastpath
-from projections.decode import COLUMNS, Value
+from projections.decode import Value
 from projections.merge import RecordState
 from projections.projector import Outcome, Projector
 from projections.stores import SnapshotStore
-from stream.lsn import Lsn
 from stream.pgoutput import UNCHANGED, TupleData
 from stream.speedups import pure_python
 from stream.transactions import CommittedTransaction, RowInsert

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mission_runner.errors import DecodeError, ProtocolUsageError
+from core.lsn import Lsn
+from stream.errors import DecodeError, ProtocolUsageError
 from stream.frames import (
     PG_EPOCH_OFFSET_US,
     XLOG_PAYLOAD_AT,
@@ -19,7 +20,6 @@ from stream.frames import (
     parse_frame,
     xlog_wal_end,
 )
-from stream.lsn import Lsn
 from tests.data.capture_pgoutput import load_capture
 
 CAPTURES = {proto: load_capture(proto) for proto in (1, 2)}

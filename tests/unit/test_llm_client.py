@@ -9,9 +9,10 @@ import aiohttp
 import orjson
 import pytest
 
-from mission_runner.clock import ManualClock
-from mission_runner.errors import ConfigurationError, PlannerError
+from core.clock import ManualClock
+from core.errors import ConfigurationError
 from planner.catalog import load_catalog
+from planner.errors import PlannerError
 from planner.llm import (
     AssistantMessage,
     ChatClient,

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream.lsn import Lsn
+from core.lsn import Lsn
 
 
 def test_parse_and_format() -> None:

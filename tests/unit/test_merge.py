@@ -12,13 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.instants import format_stamp, parse_stamp
+from core.json_types import JsonValue
+from core.sync_changes import AGENTS_TABLE, APP_ID, MISSIONS_TABLE
 from projections.merge import (
     UNSTAMPED,
     ApplyOutcome,
     RecordState,
     agent_view,
     apply_row,
-    format_stamp,
     key_created,
     key_event,
     key_stamp,
@@ -27,11 +29,10 @@ from projections.merge import (
     merge_into,
     merge_states,
     mission_view,
-    parse_stamp,
     state_from_persisted,
     to_record,
 )
-from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow, JsonValue
+from projections.rows import ChangeRow
 
 NOW = "2026-04-15T12:00:00Z"
 DAY = "2026-04-15T00:00:00Z"
@@ -468,7 +469,7 @@ def test_merge_rejects_other_record() -> None:
 
 
 def test_merge_bookkeeping_takes_the_later() -> None:
-    from stream.lsn import Lsn
+    from core.lsn import Lsn
 
     a = RecordState("u1", "m1", last_lsn=Lsn(5), last_applied_us=10)
     b = RecordState("u1", "m1", last_lsn=Lsn(7), last_applied_us=3)

@@ -8,7 +8,7 @@ from datetime import date, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mission_runner.clock import ManualClock
+from core.clock import ManualClock
 from planner.catalog import Catalog, ToolSpec, load_catalog
 from planner.loop import Planner, PlanRequest
 from planner.offline import OfflinePlanner, plan_offline

@@ -7,9 +7,10 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.instants import us_to_datetime
+from core.lsn import Lsn
 from projections.merge import RecordState, keys_to_json, make_key, to_record
-from projections.persistence import SnapshotRow, copy_text, serialize, us_to_datetime
-from stream.lsn import Lsn
+from projections.persistence import SnapshotRow, copy_text, serialize
 
 T0 = 1_776_211_200_123_456
 

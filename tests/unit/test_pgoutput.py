@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mission_runner.errors import DecodeError, ProtocolUsageError
+from core.lsn import Lsn
+from stream.errors import DecodeError, ProtocolUsageError
 from stream.frames import XLogData, parse_frame
-from stream.lsn import Lsn
 from stream.pgoutput import (
     _COMPILED,
     UNCHANGED,

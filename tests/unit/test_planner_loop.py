@@ -7,6 +7,7 @@ import json
 import aiohttp
 import pytest
 
+from core.json_types import JsonValue
 from planner.catalog import load_catalog
 from planner.llm import (
     AssistantMessage,
@@ -28,7 +29,6 @@ from planner.loop import (
 )
 from planner.policy import offered_tools
 from planner.prompt import build_prompt
-from projections.rows import JsonValue
 from tests.fix_llm import Call, FakeLLM, ProviderFail, RateLimited, Reply, Slow
 
 CATALOG = load_catalog()

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.json_types import JsonValue
 from planner.catalog import Catalog, Decision, ToolSpec, load_catalog, parse_catalog
 from planner.policy import (
     EMPTY_POLICY,
@@ -14,7 +15,6 @@ from planner.policy import (
     offered_tools,
     parse_policy,
 )
-from projections.rows import JsonValue
 
 CATALOG = load_catalog()
 

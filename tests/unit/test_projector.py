@@ -7,11 +7,12 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from projections.decode import COLUMNS, column_indexes, decode_row
+from core.lsn import Lsn
+from core.sync_changes import COLUMNS
+from projections.decode import column_indexes, decode_row
 from projections.projector import Outcome, Projector
 from projections.rows import ChangeRow
 from projections.stores import SnapshotStore
-from stream.lsn import Lsn
 from stream.pgoutput import UNCHANGED, Column, Relation, TupleData
 from stream.transactions import CommittedTransaction, RowInsert
 

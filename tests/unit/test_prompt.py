@@ -8,6 +8,7 @@ import string
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.json_types import JsonValue
 from planner.llm import SystemMessage, UserMessage
 from planner.prompt import (
     FRAME,
@@ -17,7 +18,6 @@ from planner.prompt import (
     is_ciphertext,
     mission_brief,
 )
-from projections.rows import JsonValue
 
 
 def _iteration(n: int, **extra: JsonValue) -> dict[str, JsonValue]:

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mission_runner.errors import DecodeError
+from core.lsn import Lsn
 from stream import reader as reader_module
 from stream import transactions
+from stream.errors import DecodeError
 from stream.frames import XLOG_PAYLOAD_AT, PrimaryKeepalive, XLogData, parse_frame
-from stream.lsn import Lsn
 from stream.pgoutput import PgOutputDecoder
 from stream.reader import FrameReader, ReaderOutput
 from stream.transactions import CommittedTransaction, TransactionAssembler

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mission_runner.clock import ManualClock
+from core.clock import ManualClock
+from core.instants import parse_stamp
 from planner.budget import WINDOW_US, TokenBudget
 from planner.due import Occurrence, is_due, occurrence_of
 from planner.gates import LEGACY_AGENT_ID, Decision, decide
 from planner.scheduler import DueIndex, Scheduler
-from projections.merge import parse_stamp
 
 NOW = parse_stamp("2026-04-15T12:00:00Z")
 assert NOW is not None

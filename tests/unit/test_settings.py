@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mission_runner.errors import ConfigurationError
+from core.errors import ConfigurationError
 from mission_runner.settings import Settings
 
 

@@ -9,6 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.json_types import JsonValue
+from core.lsn import Lsn
+from core.sync_changes import AGENTS_TABLE, APP_ID, MISSIONS_TABLE
 from projections.merge import (
     ApplyOutcome,
     RecordState,
@@ -16,9 +19,8 @@ from projections.merge import (
     state_from_persisted,
     to_record,
 )
-from projections.rows import AGENTS_TABLE, APP_ID, MISSIONS_TABLE, ChangeRow, JsonValue
+from projections.rows import ChangeRow
 from projections.stores import Kind, SnapshotStore
-from stream.lsn import Lsn
 
 T0 = 1_776_211_200_000_000  # 2026-04-15T00:00:00Z
 HOUR = 3_600_000_000

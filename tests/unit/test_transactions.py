@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mission_runner.errors import DecodeError
+from core.lsn import Lsn
+from stream.errors import DecodeError
 from stream.frames import XLogData, parse_frame
-from stream.lsn import Lsn
 from stream.pgoutput import (
     Begin,
     Column,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-from mission_runner.errors import ConfigurationError
+from core.errors import ConfigurationError
 
 KNOWN = frozenset(
     {
