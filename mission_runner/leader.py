@@ -13,16 +13,11 @@ import logging
 
 import psycopg
 
-from core.errors import MissionRunnerError
-from stream.errors import ConnectionLostError
+from stream.errors import ConnectionLostError, LeadershipLost
 
 log = logging.getLogger(__name__)
 
 _KEY = "hashtextextended('mission_runner:' || %s, 0)"
-
-
-class LeadershipLost(MissionRunnerError):
-    """The lock's connection broke: another instance may take over; stop streaming."""
 
 
 class LeaderLock:
