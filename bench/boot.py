@@ -19,25 +19,32 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import psycopg
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import bench_server, create_schema, insert_missions  # noqa: E402
 from mission_runner.app import open_app  # noqa: E402
+from mission_runner.cli import prepare_database  # noqa: E402
 from mission_runner.settings import Settings  # noqa: E402
+from projections import persistence  # noqa: E402
+from writer.fence import Fence  # noqa: E402
 
 
 async def start_to_streaming(dsn: str, *, rebuild: bool) -> tuple[float, int]:
     settings = replace(Settings.from_env({}), database_url=dsn)
     started = time.perf_counter()
     async with open_app(settings, dsn=dsn) as app:
-        ing = app.ingestor
-        if rebuild:
-            await ing.discard_state()
-        await ing.boot()
+        ing = app.ingest
+        await prepare_database(app)
+
+        async def discard(conn: psycopg.AsyncConnection[tuple[object, ...]], fence: Fence) -> None:
+            await persistence.reset(conn, fence)
+
         stop = asyncio.Event()
-        task = asyncio.create_task(ing.run(stop))
-        while not ing.streaming.is_set():
+        task = asyncio.create_task(app.supervisor.run(stop, prepare=discard if rebuild else None))
+        while not app.supervisor.streaming.is_set():
             if task.done():
                 task.result()
             await asyncio.sleep(0.001)

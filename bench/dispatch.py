@@ -125,7 +125,7 @@ async def run(dsn: str, planner_url: str, args: argparse.Namespace) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(serve(app, stop))
         deadline = time.monotonic() + args.lead + args.window + 120
-        while app.metrics.plans_written_back._value.get() < args.missions:
+        while app.metrics.runtime.plans_written_back._value.get() < args.missions:
             if time.monotonic() > deadline or task.done():
                 break
             await asyncio.sleep(0.5)

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import bench_server, create_schema  # noqa: E402
 from mission_runner.app import open_app  # noqa: E402
+from mission_runner.cli import prepare_database  # noqa: E402
 from mission_runner.runtime import tune_gc  # noqa: E402
 from mission_runner.settings import Settings  # noqa: E402
-from projections.projector import Outcome  # noqa: E402
 
 
 def writer(dsn: str, rate: int, seconds: float, rows_per_tx: int, ready: object) -> None:
@@ -76,25 +76,28 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
     commit_lat: list[float] = []
     row_lat: list[float] = []
     async with open_app(settings, dsn=dsn) as app:
-        ing = app.ingestor
-        await ing.boot()
-        tune_gc()
+        ing = app.ingest
+        await prepare_database(app)
 
-        def on_applied(outcome: Outcome) -> None:
-            now = app.clock.now_us()
-            if not outcome.changed_missions or ing.projector.applied_commit_time_us is None:
-                return
-            commit_lat.append((now - ing.projector.applied_commit_time_us) / 1000)
-            for user, mission in outcome.changed_missions:
-                state = ing.missions.get(user, mission)
-                sent = state.values.get("sentAt") if state else None
-                if isinstance(sent, int):
-                    row_lat.append((now - sent) / 1000)
+        async def follow() -> None:
+            # What the mission runtime sees: the change feed, taken in its own task.
+            while True:
+                changes = await app.feed.take()
+                now = app.clock.now_us()
+                if not changes.missions or ing.applied_commit_time_us is None:
+                    continue
+                commit_lat.append((now - ing.applied_commit_time_us) / 1000)
+                for user, mission in changes.missions:
+                    state = ing.missions.get(user, mission)
+                    sent = state.values.get("sentAt") if state else None
+                    if isinstance(sent, int):
+                        row_lat.append((now - sent) / 1000)
 
-        ing.add_listener(on_applied)
         stop = asyncio.Event()
-        task = asyncio.create_task(ing.run(stop))
-        await ing.streaming.wait()
+        task = asyncio.create_task(app.supervisor.run(stop))
+        await app.supervisor.streaming.wait()
+        tune_gc()
+        follower = asyncio.create_task(follow())
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Event()
         proc = ctx.Process(
@@ -103,7 +106,8 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
         proc.start()
         await asyncio.to_thread(ready.wait)
         await asyncio.to_thread(proc.join)
-        await ing.sync_point()
+        await app.supervisor.sync_point()
+        follower.cancel()
         stop.set()
         await task
     # The first second is warm-up (connections, caches).

@@ -1,6 +1,13 @@
 """The composition root: builds every collaborator once, from Settings, and hands them out.
 
-Nothing below this module creates its own connections, registries or clocks.
+Nothing below this module creates its own connections, registries or clocks. The wiring, in
+the direction data flows:
+
+    Supervisor (stream)  leads the slot, streams, drives  ->  Ingest (projections)
+    Ingest               applies, persists, publishes to  ->  ChangeFeed (planner)
+    Supervisor           begins and ends terms in         ->  Terms (planner)
+    MissionRuntime       follows both, dispatches via     ->  Dispatcher -> writer
+    LagMonitor           samples the server for the supervisor's lag tracker
 """
 
 from __future__ import annotations
@@ -18,22 +25,29 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from core import pgerrors
+from core.backoff import Backoff
 from core.clock import Clock, SystemClock
 from core.errors import ConfigurationError
+from core.failpoints import FailPoints
 from mission_runner.embedded import EmbeddedPostgres
-from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
-from mission_runner.missions import MissionRuntime
-from mission_runner.monitor import LagMonitor
 from mission_runner.settings import Settings
+from planner.catalog import load_catalog
+from planner.dispatch import Dispatcher
+from planner.feed import ChangeFeed
+from planner.offline import OfflinePlanner
+from planner.runtime import MissionRuntime
+from planner.service import CatalogPlanner, MissionPlanner
+from planner.terms import Terms
+from projections.ingest import Ingest, SnapshotViews
+from stream.monitor import LagMonitor
+from stream.supervisor import Supervisor
 
 if TYPE_CHECKING:
     import aiohttp
 
     from mission_runner.http import StatusApp
-from planner.catalog import load_catalog
-from planner.offline import OfflinePlanner
-from planner.service import CatalogPlanner, MissionPlanner
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +57,8 @@ Pool = AsyncConnectionPool[psycopg.AsyncConnection[tuple[object, ...]]]
 
 
 def resolve_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
-    """The connection string to use: DATABASE_URL, or the embedded server's (started now)."""
+    """The connection string to use: DATABASE_URL, or the embedded server's (started now).
+    Blocking (it may start a server): call it in a thread."""
     if settings.database_url is not None:
         return settings.database_url, None
     server = EmbeddedPostgres(settings.data_dir.resolve())
@@ -59,33 +74,41 @@ def resolve_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     return dsn, server
 
 
-def make_pool(dsn: str, *, max_size: int = 8) -> Pool:
+def make_pool(dsn: str, *, name: str, min_size: int = 2, max_size: int = 8) -> Pool:
     return AsyncConnectionPool(
         dsn,
-        min_size=2,
+        min_size=min_size,
         max_size=max_size,
         open=False,
         kwargs={
-            "application_name": "mission-runner",
+            "application_name": name,
             "autocommit": True,
             "options": "-c timezone=UTC",
         },
-        name="mission-runner",
+        name=name,
     )
 
 
-@dataclass
-class App:
-    settings: Settings
-    dsn: str
-    pool: Pool
-    clock: Clock
-    metrics: Metrics
-    ingestor: Ingestor
-    runtime: MissionRuntime
-    monitor: LagMonitor
-    embedded: EmbeddedPostgres | None = None
-    status: StatusApp | None = None  # the HTTP surface, built by `serve`
+async def check_connection(dsn: str, *, retry_for: float, backoff: Backoff) -> None:
+    """Connect once. When the server is up but refuses us (credentials, database name,
+    pg_hba), fail at once; an unreachable or starting server is retried for `retry_for`
+    seconds (a pod may start before its database). ConfigurationError (DATABASE_URL)."""
+    deadline = time.monotonic() + retry_for
+    attempt = 0
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            text = str(exc).strip()
+            refused = await asyncio.to_thread(pgerrors.connect_refused_for_good, dsn)
+            if refused or time.monotonic() > deadline:
+                raise ConfigurationError("DATABASE_URL", f"cannot connect: {text}") from None
+            attempt += 1
+            log.warning("database not reachable yet (%s); retrying", text.splitlines()[0])
+            await asyncio.sleep(backoff.delay(attempt))
+            continue
+        await conn.close()
+        return
 
 
 def make_planner(
@@ -112,43 +135,105 @@ def make_planner(
     )
 
 
-# The server answered, and the answer will not change by waiting (libpq reports these
-# connection-time errors without an SQLSTATE, so the message is all there is).
-_FINAL_CONNECT_ERRORS = (
-    "does not exist",
-    "authentication failed",
-    "no pg_hba.conf entry",
-    "permission denied",
-    "too many connections for role",
-)
+@dataclass
+class App:
+    settings: Settings
+    dsn: str
+    pool: Pool
+    persist_pool: Pool
+    clock: Clock
+    metrics: Metrics
+    failpoints: FailPoints
+    feed: ChangeFeed
+    terms: Terms
+    ingest: Ingest
+    supervisor: Supervisor
+    runtime: MissionRuntime
+    monitor: LagMonitor
+    embedded: EmbeddedPostgres | None = None
+    status: StatusApp | None = None  # the HTTP surface, built by `serve`
 
 
-def _refused_for_good(exc: psycopg.OperationalError) -> bool:
-    sqlstate = exc.sqlstate or ""
-    if sqlstate.startswith("28") or sqlstate == "3D000":
-        return True
-    text = str(exc)
-    return any(marker in text for marker in _FINAL_CONNECT_ERRORS)
-
-
-async def check_connection(dsn: str, *, retry_for: float) -> None:
-    """Connect once. Wrong credentials or database name fail at once; an unreachable or
-    starting server is retried for `retry_for` seconds (a pod may start before its database)."""
-    deadline = time.monotonic() + retry_for
-    delay = 0.5
-    while True:
-        try:
-            conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            text = str(exc).strip()
-            if _refused_for_good(exc) or time.monotonic() > deadline:
-                raise ConfigurationError("DATABASE_URL", f"cannot connect: {text}") from None
-            log.warning("database not reachable yet (%s); retrying", text.splitlines()[0])
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            continue
-        await conn.close()
-        return
+def build(
+    settings: Settings,
+    *,
+    dsn: str,
+    pool: Pool,
+    persist_pool: Pool,
+    clock: Clock,
+    metrics: Metrics,
+    planner: MissionPlanner,
+    failpoints: FailPoints,
+    embedded: EmbeddedPostgres | None = None,
+) -> App:
+    """Every collaborator, wired (see the module docstring)."""
+    feed = ChangeFeed()
+    terms = Terms()
+    ingest = Ingest(
+        slot=settings.slot,
+        persist_pool=persist_pool,
+        clock=clock,
+        metrics=metrics.snapshots,
+        options=settings.group_commit_options(),
+        retry=settings.reconnect_backoff(),
+        feed=feed,
+        failpoints=failpoints,
+        compiled=not settings.pure_python,
+    )
+    supervisor = Supervisor(
+        conninfo=dsn,
+        pool=pool,
+        ingest=ingest,
+        terms=terms,
+        options=settings.supervisor_options(),
+        clock=clock,
+        metrics=metrics.stream,
+    )
+    options = settings.runtime_options()
+    dispatcher = Dispatcher(
+        pool=pool,
+        planner=planner,
+        snapshots=SnapshotViews(ingest),
+        clock=clock,
+        metrics=metrics.runtime,
+        max_attempts=options.max_attempts,
+        retry=options.retry,
+        failpoints=failpoints,
+    )
+    runtime = MissionRuntime(
+        snapshots=SnapshotViews(ingest),
+        feed=feed,
+        terms=terms,
+        dispatcher=dispatcher,
+        pool=pool,
+        clock=clock,
+        metrics=metrics.runtime,
+        options=options,
+    )
+    monitor = LagMonitor(
+        supervisor=supervisor,
+        pool=pool,
+        clock=clock,
+        metrics=metrics.lag,
+        slot=settings.slot,
+        max_silence=settings.ready_max_silence,
+    )
+    return App(
+        settings,
+        dsn,
+        pool,
+        persist_pool,
+        clock,
+        metrics,
+        failpoints,
+        feed,
+        terms,
+        ingest,
+        supervisor,
+        runtime,
+        monitor,
+        embedded,
+    )
 
 
 @asynccontextmanager
@@ -159,41 +244,43 @@ async def open_app(
     metrics: Metrics | None = None,
     dsn: str | None = None,
     planner: MissionPlanner | None = None,
+    failpoints: FailPoints | None = None,
 ) -> AsyncIterator[App]:
     embedded = None
     if dsn is None:
-        dsn, embedded = resolve_database(settings)
-    await check_connection(dsn, retry_for=settings.connect_retry)
+        resolved, embedded = await asyncio.to_thread(resolve_database, settings)
+    else:
+        resolved = dsn
+    dsn = resolved
+    await check_connection(
+        dsn, retry_for=settings.connect_retry, backoff=settings.reconnect_backoff()
+    )
     clock = clock or SystemClock()
-    metrics = metrics or Metrics()
     session = None
     if planner is None and settings.planner_url is not None:
         import aiohttp
 
         session = aiohttp.ClientSession()
+    pool = make_pool(dsn, name="mission-runner")
+    # The group commit's own connection: dispatches never starve it of one.
+    persist_pool = make_pool(dsn, name="mission-runner persist", min_size=1, max_size=1)
     try:
-        mission_planner = planner or make_planner(settings, clock=clock, session=session)
-        pool = make_pool(dsn)
         await pool.open(wait=True, timeout=30)
-        try:
-            ingestor = Ingestor(
-                settings=settings, conninfo=dsn, pool=pool, clock=clock, metrics=metrics
-            )
-            runtime = MissionRuntime(
-                settings=settings,
-                ingestor=ingestor,
-                pool=pool,
-                planner=mission_planner,
-                clock=clock,
-                metrics=metrics,
-            )
-            monitor = LagMonitor(
-                ingestor=ingestor, pool=pool, clock=clock, metrics=metrics, slot=settings.slot
-            )
-            yield App(settings, dsn, pool, clock, metrics, ingestor, runtime, monitor, embedded)
-        finally:
-            await pool.close()
+        await persist_pool.open(wait=True, timeout=30)
+        yield build(
+            settings,
+            dsn=dsn,
+            pool=pool,
+            persist_pool=persist_pool,
+            clock=clock,
+            metrics=metrics or Metrics(),
+            planner=planner or make_planner(settings, clock=clock, session=session),
+            failpoints=failpoints or FailPoints(settings.failpoints),
+            embedded=embedded,
+        )
     finally:
+        await persist_pool.close()
+        await pool.close()
         if session is not None:
             await session.close()
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import psycopg
 
-from core import failpoints
 from core.errors import ConfigurationError, MissionRunnerError, SetupError
+from core.failpoints import FailPoints
 from core.lsn import Lsn
 from mission_runner import doctor as doctor_mod
-from mission_runner.app import App, open_app, redact, resolve_database
+from mission_runner.app import App, check_connection, open_app, redact, resolve_database
 from mission_runner.demo import DemoUsers
 from mission_runner.devschema import create_dev_schema
 from mission_runner.logs import setup_logging
@@ -32,6 +32,8 @@ from mission_runner.status import collect_status, format_status
 from mission_runner.tracing import setup_tracing
 from projections import persistence
 from stream import slots
+from stream.supervisor import Prepare, Supervisor
+from writer.fence import Fence
 
 log = logging.getLogger("mission_runner")
 
@@ -44,13 +46,25 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+async def prepare_database(app: App) -> None:
+    """Our schema, before anything reads it."""
+    async with app.pool.connection() as conn:
+        await migrate(conn)
+
+
+async def _tune_gc_after_boot(supervisor: Supervisor) -> None:
+    """Tune the GC once the first snapshots are loaded (see mission_runner.runtime)."""
+    await supervisor.booted.wait()
+    tune_gc()
+
+
 async def serve(app: App, stop: asyncio.Event) -> None:
     """The whole service: HTTP, lag monitor, ingest and the mission runtime, until `stop`."""
     from mission_runner import http
 
     app.status = http.StatusApp(
         settings=app.settings,
-        ingestor=app.ingestor,
+        supervisor=app.supervisor,
         runtime=app.runtime,
         monitor=app.monitor,
         metrics=app.metrics,
@@ -58,14 +72,24 @@ async def serve(app: App, stop: asyncio.Event) -> None:
     )
     runner = await http.serve(app.status, app.settings.http_host, app.settings.http_port)
     try:
-        await app.ingestor.boot()
-        tune_gc()
+        await prepare_database(app)
         async with asyncio.TaskGroup() as tg:
+            gc_tuning = tg.create_task(_tune_gc_after_boot(app.supervisor), name="gc tuning")
             tg.create_task(app.monitor.run(stop), name="lag monitor")
             tg.create_task(app.runtime.run(stop), name="mission runtime")
-            tg.create_task(app.ingestor.run(stop), name="ingest")
+            await app.supervisor.run(stop)
+            gc_tuning.cancel()
     finally:
         await runner.cleanup()
+
+
+async def catch_up(app: App, stop: asyncio.Event, *, prepare: Prepare | None = None) -> None:
+    """Lead once, apply what was committed before, persist, confirm (`catch-up`, `rebuild`,
+    `replay`)."""
+    async with asyncio.TaskGroup() as tg:
+        gc_tuning = tg.create_task(_tune_gc_after_boot(app.supervisor), name="gc tuning")
+        await app.supervisor.run(stop, catch_up=True, prepare=prepare)
+        gc_tuning.cancel()
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -75,31 +99,45 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         log.info(
             "mission-runner starting on %s with the %s planner",
             redact(app.dsn),
-            app.runtime.planner.name,
+            app.runtime.planner_name,
         )
         await serve(app, stop)
     return EXIT_OK
+
+
+def _caught_up(app: App) -> str:
+    ing = app.ingest
+    return (
+        f"checkpoint {ing.persisted_lsn}, {ing.transactions_applied} transactions and"
+        f" {ing.rows_applied} rows applied, {len(ing.missions)} missions, {len(ing.agents)} agents"
+    )
 
 
 async def cmd_catch_up(settings: Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     async with open_app(settings) as app:
-        await app.ingestor.boot()
-        tune_gc()
-        await app.ingestor.run(stop, catch_up=True)
-        ing = app.ingestor
-        print(
-            f"caught up: checkpoint {ing.persisted_lsn}, {ing.transactions_applied} "
-            f"transactions and {ing.rows_applied} rows applied, "
-            f"{len(ing.missions)} missions, {len(ing.agents)} agents"
-        )
+        await prepare_database(app)
+        await catch_up(app, stop)
+        print(f"caught up: {_caught_up(app)}")
     return EXIT_OK
 
 
+async def _connect(settings: Settings) -> psycopg.AsyncConnection[tuple[object, ...]]:
+    """One connection for the commands that only read or check: the same start-up handling
+    as `run` (waits for a starting server, exit 2 naming DATABASE_URL when it cannot)."""
+    dsn, _embedded = await asyncio.to_thread(resolve_database, settings)
+    await check_connection(
+        dsn, retry_for=settings.connect_retry, backoff=settings.reconnect_backoff()
+    )
+    try:
+        return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise ConfigurationError("DATABASE_URL", f"cannot connect: {exc}") from None
+
+
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    dsn, _embedded = resolve_database(settings)
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await _connect(settings) as conn:
         status = await collect_status(conn, slot=settings.slot)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -125,20 +163,47 @@ async def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     async with open_app(settings) as app:
-        async with app.pool.connection() as conn:
-            await migrate(conn)
+        await prepare_database(app)
         if await _refuse_if_active(app):
             return EXIT_FAILED
         log.warning("rebuild: discarding snapshots and checkpoint of slot %s", settings.slot)
-        await app.ingestor.discard_state()
-        await app.ingestor.boot()
-        tune_gc()
-        await app.ingestor.run(stop, catch_up=True)
+
+        async def discard(conn: psycopg.AsyncConnection[tuple[object, ...]], fence: Fence) -> None:
+            await persistence.reset(conn, fence)
+
+        await catch_up(app, stop, prepare=discard)
         print(
-            f"rebuilt: checkpoint {app.ingestor.persisted_lsn}, "
-            f"{len(app.ingestor.missions)} missions, {len(app.ingestor.agents)} agents"
+            f"rebuilt: checkpoint {app.ingest.persisted_lsn}, "
+            f"{len(app.ingest.missions)} missions, {len(app.ingest.agents)} agents"
         )
     return EXIT_OK
+
+
+async def _check_replay_target(app: App, target: Lsn) -> str | None:
+    """Why replaying from `target` is refused, or None."""
+    settings = app.settings
+    async with app.pool.connection() as conn:
+        slot = await slots.get_slot(conn, settings.slot)
+        current = await slots.current_wal_lsn(conn)
+    if slot is None or slot.confirmed_flush_lsn is None:
+        return (
+            f"slot {settings.slot} does not exist: nothing to replay from; use"
+            " `mission-runner rebuild`"
+        )
+    if target < slot.confirmed_flush_lsn:
+        return (
+            f"{target} is below the slot's confirmed position {slot.confirmed_flush_lsn}: the"
+            " server no longer has those changes for this slot. Use `mission-runner rebuild`"
+            " to rebuild from the table."
+        )
+    if target > current:
+        return f"{target} is beyond the server's current WAL position {current}"
+    if slot.active:
+        return (
+            f"slot {settings.slot} is in use by PID {slot.active_pid}: stop the running"
+            " service first"
+        )
+    return None
 
 
 async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
@@ -150,64 +215,34 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     async with open_app(settings) as app:
-        async with app.pool.connection() as conn:
-            await migrate(conn)
-            slot = await slots.get_slot(conn, settings.slot)
-            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
-            row = await cur.fetchone()
-            assert row is not None
-            current = Lsn.parse(str(row[0]))
-            if slot is None or slot.confirmed_flush_lsn is None:
-                print(
-                    f"slot {settings.slot} does not exist: nothing to replay from; use"
-                    " `mission-runner rebuild`",
-                    file=sys.stderr,
-                )
-                return EXIT_FAILED
-            if target < slot.confirmed_flush_lsn:
-                print(
-                    f"{target} is below the slot's confirmed position "
-                    f"{slot.confirmed_flush_lsn}: the server no longer has those changes for"
-                    " this slot. Use `mission-runner rebuild` to rebuild from the table.",
-                    file=sys.stderr,
-                )
-                return EXIT_FAILED
-            if target > current:
-                print(
-                    f"{target} is beyond the server's current WAL position {current}",
-                    file=sys.stderr,
-                )
-                return EXIT_FAILED
-            if slot.active:
-                print(
-                    f"slot {settings.slot} is in use by PID {slot.active_pid}: stop the"
-                    " running service first",
-                    file=sys.stderr,
-                )
-                return EXIT_FAILED
-            await persistence.write_batch(
-                conn,
-                persistence.PersistBatch(
-                    missions=[],
-                    agents=[],
-                    dead_letters=[],
-                    checkpoint=persistence.Checkpoint(settings.slot, target, None),
-                ),
+        await prepare_database(app)
+        refused = await _check_replay_target(app, target)
+        if refused is not None:
+            print(refused, file=sys.stderr)
+            return EXIT_FAILED
+
+        async def move_checkpoint(
+            conn: psycopg.AsyncConnection[tuple[object, ...]], fence: Fence
+        ) -> None:
+            batch = persistence.PersistBatch(
+                missions=[],
+                agents=[],
+                dead_letters=[],
+                checkpoint=persistence.Checkpoint(settings.slot, target, None),
             )
-        log.warning("replay: checkpoint of slot %s set to %s", settings.slot, target)
-        await app.ingestor.boot()
-        tune_gc()
-        await app.ingestor.run(stop, catch_up=True)
+            await persistence.write_batch(conn, batch, fence)
+            log.warning("replay: checkpoint of slot %s set to %s", settings.slot, target)
+
+        await catch_up(app, stop, prepare=move_checkpoint)
         print(
-            f"replayed from {target}: checkpoint now {app.ingestor.persisted_lsn}, "
-            f"{app.ingestor.transactions_applied} transactions applied"
+            f"replayed from {target}: checkpoint now {app.ingest.persisted_lsn}, "
+            f"{app.ingest.transactions_applied} transactions applied"
         )
     return EXIT_OK
 
 
 async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
-    dsn, _embedded = resolve_database(settings)
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await _connect(settings) as conn:
         checks = await doctor_mod.run_checks(conn, settings)
     print(doctor_mod.format_checks(checks))
     failed = [c for c in checks if c.result == doctor_mod.FAIL]
@@ -215,8 +250,7 @@ async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_dev_schema(settings: Settings, args: argparse.Namespace) -> int:
-    dsn, _embedded = resolve_database(settings)
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await _connect(settings) as conn:
         await create_dev_schema(conn)
     print("created public.sync_changes (development schema) if it was missing")
     return EXIT_OK
@@ -239,7 +273,7 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         where = app.embedded.pgdata if app.embedded else "DATABASE_URL"
         print(
             f"demo: PostgreSQL at {where}; synthetic users edit missions and agents; the"
-            f" {app.runtime.planner.name} planner plans them when due. Status page:"
+            f" {app.runtime.planner_name} planner plans them when due. Status page:"
             f" http://{settings.http_host}:{settings.http_port}/  (Ctrl-C stops)",
             flush=True,
         )
@@ -250,10 +284,10 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
                     async with asyncio.timeout(args.report_every):
                         await stop.wait()
                 except TimeoutError:
-                    ing, rt = app.ingestor, app.runtime
+                    ing, rt = app.ingest, app.runtime
                     written = sum(1 for r in rt.recent if r.outcome == "written")
                     print(
-                        f"[{ing.phase}] {ing.transactions_applied} transactions,"
+                        f"[{app.supervisor.phase}] {ing.transactions_applied} transactions,"
                         f" {ing.rows_applied} rows applied; {ing.missions.live_count()} missions,"
                         f" {ing.agents.live_count()} agents; {len(rt.scheduler.index)} scheduled,"
                         f" {rt.in_flight} in flight, {written} iterations written;"
@@ -321,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env(os.environ)
-        failpoints.configure(settings.failpoints)
+        FailPoints(settings.failpoints)  # a bad spec is a setting error, at start
     except ConfigurationError as exc:
         print(f"mission-runner: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

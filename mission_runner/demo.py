@@ -18,7 +18,7 @@ import orjson
 import psycopg
 
 from core.clock import Clock
-from mission_runner.missions import MissionRuntime
+from planner.runtime import MissionRuntime
 
 log = logging.getLogger(__name__)
 

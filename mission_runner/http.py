@@ -1,8 +1,10 @@
 """The HTTP surface: health, readiness, Prometheus metrics, the status API and page.
 
 - `/healthz`: the process is alive (the event loop answers).
-- `/readyz`: 200 only while this instance holds the replication stream and its lag is under
-  `MISSION_RUNNER_READY_MAX_LAG`; a waiting second instance answers 503.
+- `/readyz`: 200 only while this instance leads and holds the replication stream, its lag
+  (`stream.lag`) is under `MISSION_RUNNER_READY_MAX_LAG`, and the stream moves while the
+  server's WAL grows; a waiting second instance, or one riding out a database outage,
+  answers 503 with the reason.
 - `/metrics`: Prometheus text from the injected registry.
 - `/api/status`: JSON for people and scripts; `/`: a page that draws it (no build, no CDN).
 """
@@ -20,16 +22,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.clock import Clock
 from core.errors import ConfigurationError
-from core.instants import format_stamp
-from mission_runner.ingest import Ingestor
+from core.instants import iso_ms
 from mission_runner.metrics import Metrics
-from mission_runner.missions import MissionRuntime
-from mission_runner.monitor import LagMonitor
 from mission_runner.settings import Settings
+from planner.runtime import MissionRuntime
+from stream.monitor import LagMonitor
+from stream.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Json = dict[str, Any]
 
 
 class StatusApp:
@@ -37,14 +40,14 @@ class StatusApp:
         self,
         *,
         settings: Settings,
-        ingestor: Ingestor,
+        supervisor: Supervisor,
         runtime: MissionRuntime | None,
         monitor: LagMonitor,
         metrics: Metrics,
         clock: Clock,
     ) -> None:
         self.settings = settings
-        self.ingestor = ingestor
+        self.supervisor = supervisor
         self.runtime = runtime
         self.monitor = monitor
         self.metrics = metrics
@@ -53,109 +56,124 @@ class StatusApp:
         self.port: int | None = None
         self._page = resources.files("mission_runner").joinpath("static/status.html").read_bytes()
 
-    # -- readiness ----------------------------------------------------------------------
-
     def ready(self) -> tuple[bool, str]:
-        ing = self.ingestor
-        if not ing.streaming.is_set():
-            return False, f"not streaming ({ing.phase})"
-        lag = self.monitor.lag_seconds()
-        if lag > self.settings.ready_max_lag:
-            return False, f"lag {lag:.1f} s exceeds {self.settings.ready_max_lag:g} s"
-        return True, "streaming"
+        return self.monitor.ready(self.settings.ready_max_lag)
 
-    # -- status -------------------------------------------------------------------------
+    # -- status, by section -----------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        ing = self.ingestor
+    def status(self) -> Json:
         now = self.clock.now_us()
-        ready, why = self.ready()
-        sample = self.monitor.last
-        lag = sample.lag if sample is not None else None
-        repl = ing.replication
-        history = list(self.monitor.history)
-        throughput = {"rows_per_second": 0.0, "transactions_per_second": 0.0}
-        if len(history) >= 2:
-            (t0, _b0, _s0, r0, x0), (t1, _b1, _s1, r1, x1) = (
-                history[-min(len(history), 13)],
-                history[-1],
-            )
-            span = max(1e-6, (t1 - t0) / 1_000_000)
-            throughput = {
-                "rows_per_second": (r1 - r0) / span,
-                "transactions_per_second": (x1 - x0) / span,
-            }
-        out: dict[str, Any] = {
-            "now": format_stamp(now),
-            "started": format_stamp(self.started_us),
-            "instance": {
-                "phase": str(ing.phase),
-                "streaming": ing.streaming.is_set(),
-                "ready": ready,
-                "ready_reason": why,
-                "last_error": ing.last_error,
-                "planner": self.runtime.planner.name if self.runtime else None,
+        out: Json = {
+            "now": iso_ms(now),
+            "started": iso_ms(self.started_us),
+            "instance": self._instance(),
+            "slot": self._slot(),
+            "checkpoint": self._checkpoint(),
+            "throughput": self._throughput(),
+            "totals": {
+                "transactions": self.supervisor.ingest.transactions_applied,
+                "rows": self.supervisor.ingest.rows_applied,
             },
-            "slot": {
-                "name": self.settings.slot,
-                "wal_status": lag.wal_status if lag else None,
-                "lag_bytes": lag.lag_bytes if lag else None,
-                "lag_seconds": self.monitor.lag_seconds(),
-                "retained_wal_bytes": lag.retained_bytes if lag else None,
-                "safe_wal_bytes": lag.safe_wal_size if lag else None,
-                "confirmed_flush_lsn": str(lag.confirmed_flush_lsn)
-                if lag and lag.confirmed_flush_lsn
-                else None,
-                "current_wal_lsn": str(lag.current_lsn) if lag else None,
-                "received_lsn": str(repl.stats.received_lsn) if repl else None,
-            },
-            "checkpoint": {
-                "lsn": str(ing.persisted_lsn),
-                "applied_lsn": str(ing.projector.applied_lsn),
-            },
-            "throughput": throughput,
-            "totals": {"transactions": ing.transactions_applied, "rows": ing.rows_applied},
             "snapshots": {
-                "missions": ing.missions.live_count(),
-                "agents": ing.agents.live_count(),
+                "missions": self.supervisor.ingest.missions.live_count(),
+                "agents": self.supervisor.ingest.agents.live_count(),
             },
             "history": [
-                {"t": t, "lag_bytes": b, "lag_seconds": s, "rows": r, "transactions": x}
-                for t, b, s, r, x in history
+                {
+                    "t": p.at_us,
+                    "lag_bytes": p.lag_bytes,
+                    "lag_seconds": p.lag_seconds,
+                    "rows": p.rows,
+                    "transactions": p.transactions,
+                }
+                for p in self.monitor.history
             ],
         }
         if self.runtime is not None:
-            rt = self.runtime
-            out["due_queue"] = {
+            out.update(self._runtime(self.runtime, now))
+        return out
+
+    def _instance(self) -> Json:
+        sup = self.supervisor
+        ready, why = self.ready()
+        term = sup.term
+        return {
+            "phase": str(sup.phase),
+            "streaming": sup.streaming.is_set(),
+            "leader": term is not None,
+            "epoch": term.epoch if term is not None else None,
+            "waiting_on": sup.lock.waiting_on,
+            "ready": ready,
+            "ready_reason": why,
+            "last_error": sup.last_error,
+            "planner": self.runtime.planner_name if self.runtime else None,
+        }
+
+    def _slot(self) -> Json:
+        lag = self.monitor.last
+        repl = self.supervisor.replication
+        return {
+            "name": self.settings.slot,
+            "wal_status": lag.wal_status if lag else None,
+            "lag_bytes": lag.lag_bytes if lag else None,
+            "lag_seconds": self.monitor.lag_seconds(),
+            "retained_wal_bytes": lag.retained_bytes if lag else None,
+            "safe_wal_bytes": lag.safe_wal_size if lag else None,
+            "confirmed_flush_lsn": str(lag.confirmed_flush_lsn)
+            if lag and lag.confirmed_flush_lsn
+            else None,
+            "current_wal_lsn": str(lag.current_lsn) if lag else None,
+            "received_lsn": str(repl.stats.received_lsn) if repl else None,
+        }
+
+    def _checkpoint(self) -> Json:
+        ingest = self.supervisor.ingest
+        return {"lsn": str(ingest.persisted_lsn), "applied_lsn": str(ingest.applied_lsn)}
+
+    def _throughput(self) -> Json:
+        history = list(self.monitor.history)
+        if len(history) < 2:
+            return {"rows_per_second": 0.0, "transactions_per_second": 0.0}
+        first, last = history[-min(len(history), 13)], history[-1]
+        span = max(1e-6, (last.at_us - first.at_us) / 1_000_000)
+        return {
+            "rows_per_second": (last.rows - first.rows) / span,
+            "transactions_per_second": (last.transactions - first.transactions) / span,
+        }
+
+    def _runtime(self, rt: MissionRuntime, now: int) -> Json:
+        dispatches = [
+            {
+                "user_id": r.user_id,
+                "mission_id": r.mission_id,
+                "agent_id": r.agent_id,
+                "occurrence": iso_ms(r.occurrence_us),
+                "outcome": r.outcome,
+                "steps": r.steps,
+                "error": r.error,
+                "started": iso_ms(r.started_us),
+                "seconds": max(0.0, (r.finished_us - r.started_us) / 1_000_000),
+            }
+            for r in rt.recent
+        ]
+        return {
+            "due_queue": {
                 "size": len(rt.scheduler.index),
                 "due_now": rt.scheduler.index.due_count(now),
                 "upcoming": [
                     {
                         "user_id": o.user_id,
                         "mission_id": o.mission_id,
-                        "next_run_at": format_stamp(o.at_us),
-                        "due_at": format_stamp(when),
+                        "next_run_at": iso_ms(o.at_us),
+                        "due_at": iso_ms(when),
                     }
                     for when, o in rt.scheduler.index.upcoming(20)
                 ],
-            }
-            out["in_flight"] = rt.in_flight
-            out["recent_dispatches"] = [
-                {
-                    "user_id": r.user_id,
-                    "mission_id": r.mission_id,
-                    "agent_id": r.agent_id,
-                    "occurrence": format_stamp(r.occurrence_us),
-                    "outcome": r.outcome,
-                    "steps": r.steps,
-                    "error": r.error,
-                    "started": format_stamp(r.started_us),
-                    "seconds": max(0.0, (r.finished_us - r.started_us) / 1_000_000),
-                }
-                for r in rt.recent
-            ]
-            out["recent_errors"] = [d for d in out["recent_dispatches"] if d["error"]]
-        return out
+            },
+            "in_flight": rt.in_flight,
+            "recent_dispatches": dispatches,
+            "recent_errors": [d for d in dispatches if d["error"]],
+        }
 
     # -- handlers -----------------------------------------------------------------------
 
@@ -190,8 +208,8 @@ class StatusApp:
         finally:
             route = request.match_info.route.resource
             path = route.canonical if route is not None else "other"
-            self.metrics.http_requests.labels(request.method, path, str(status)).inc()
-            self.metrics.http_duration.labels(path).observe(time.perf_counter() - started)
+            self.metrics.http.requests.labels(request.method, path, str(status)).inc()
+            self.metrics.http.duration.labels(path).observe(time.perf_counter() - started)
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._measure])

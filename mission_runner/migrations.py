@@ -91,6 +91,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX IF NOT EXISTS token_usage_ts_idx ON mana_ai.token_usage (ts);
         """,
     ),
+    (
+        3,
+        "fencing token: the epoch of the slot's leader",
+        """
+        ALTER TABLE mana_ai.stream_checkpoint
+            ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+        -- A row without a position: a leader has taken the slot, nothing is persisted yet.
+        ALTER TABLE mana_ai.stream_checkpoint ALTER COLUMN lsn DROP NOT NULL;
+        """,
+    ),
 ]
 
 

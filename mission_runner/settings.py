@@ -1,7 +1,8 @@
 """Settings: built once from the environment, in one place.
 
 Nothing else in the code base reads `os.environ`. A wrong value raises ConfigurationError
-naming the variable; the CLI turns that into a message and exit code 2.
+naming the variable; the CLI turns that into a message and exit code 2. The layers take
+their own option objects, which `Settings` builds (`supervisor_options`, ...).
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.backoff import Backoff
 from core.errors import ConfigurationError
+from planner.runtime import RuntimeOptions
+from projections.group_commit import GroupCommitOptions
+from stream.supervisor import SupervisorOptions
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -97,7 +102,7 @@ class Settings:
     status_interval: float = 10.0
     heartbeat_interval: float = 30.0
     streaming: bool = True
-    # Read again where the compiled helpers load (stream/speedups.py); here it is checked.
+    # True: the compiled hot-path modules stand aside (the reader and projector are told).
     pure_python: bool = False
     connect_retry: float = 30.0
     reconnect_min_backoff: float = 0.5
@@ -117,6 +122,7 @@ class Settings:
     planner_timeout: float = 120.0
     planner_max_attempts: int = 3
     planner_retry_base: float = 1.0
+    planner_concurrency: int = 64
     tool_catalog: Path | None = None
     ledger_keep_days: int = 30
     shutdown_grace: float = 6.0
@@ -124,6 +130,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     ready_max_lag: float = 300.0
+    ready_max_silence: float = 60.0
     # OpenTelemetry (the exporter reads the rest of the OTEL_* environment itself)
     otel_enabled: bool = False
     otel_protocol: str = "http/protobuf"
@@ -167,12 +174,14 @@ class Settings:
             planner_timeout=_duration(env, "PLANNER_TIMEOUT", 120.0, minimum=0.1),
             planner_max_attempts=_int(env, "PLANNER_MAX_ATTEMPTS", 3, minimum=1, maximum=20),
             planner_retry_base=_duration(env, "PLANNER_RETRY_BASE", 1.0, minimum=0.001),
+            planner_concurrency=_int(env, "PLANNER_CONCURRENCY", 64, minimum=1, maximum=10_000),
             tool_catalog=_file(env, "PLANNER_TOOL_CATALOG"),
             ledger_keep_days=_int(env, "MISSION_RUNNER_LEDGER_KEEP_DAYS", 30, minimum=1),
             shutdown_grace=_duration(env, "MISSION_RUNNER_SHUTDOWN_GRACE", 6.0),
             http_host=(env.get("HTTP_HOST") or "127.0.0.1").strip(),
             http_port=_int(env, "HTTP_PORT", 8080, minimum=0, maximum=65535),
             ready_max_lag=_duration(env, "MISSION_RUNNER_READY_MAX_LAG", 300.0, minimum=1),
+            ready_max_silence=_duration(env, "MISSION_RUNNER_READY_MAX_SILENCE", 60.0, minimum=1),
             otel_enabled=_otel_enabled(env),
             otel_protocol=_otel_protocol(env),
             otel_service_name=(env.get("OTEL_SERVICE_NAME") or "mission-runner").strip(),
@@ -185,6 +194,41 @@ class Settings:
         if data_dir.exists() and not data_dir.is_dir():
             raise ConfigurationError("MISSION_RUNNER_DATA_DIR", f"{data_dir} is not a directory")
         return settings
+
+    # -- the layers' options --------------------------------------------------------------
+
+    def reconnect_backoff(self) -> Backoff:
+        """The one backoff policy, with the reconnect bounds: reconnecting the stream and
+        the leader lock, waiting out a database outage, retrying a group commit."""
+        return Backoff(self.reconnect_min_backoff, self.reconnect_max_backoff)
+
+    def supervisor_options(self) -> SupervisorOptions:
+        return SupervisorOptions(
+            slot=self.slot,
+            publication=self.publication,
+            status_interval=self.status_interval,
+            heartbeat_interval=self.heartbeat_interval,
+            streaming=self.streaming,
+            compiled=not self.pure_python,
+            reconnect=self.reconnect_backoff(),
+        )
+
+    def group_commit_options(self) -> GroupCommitOptions:
+        return GroupCommitOptions(
+            max_transactions=self.batch_max_transactions,
+            max_rows=self.batch_max_rows,
+            max_delay=self.batch_max_delay,
+            checkpoint_delay=self.status_interval,
+        )
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(
+            max_attempts=self.planner_max_attempts,
+            retry=Backoff(self.planner_retry_base, max(60.0, self.planner_retry_base)),
+            concurrency=self.planner_concurrency,
+            ledger_keep_days=self.ledger_keep_days,
+            shutdown_grace=self.shutdown_grace,
+        )
 
 
 def _url(env: Mapping[str, str], name: str) -> str | None:

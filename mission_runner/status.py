@@ -1,14 +1,24 @@
-"""Reading the service's position and lag from the database (for `status` and the HTTP API).
+"""Reading the service's position and lag from the database (the `status` command).
 
-Works with no consumer connected: everything comes from the slot and our own tables.
+Works with no consumer connected: everything comes from the slot, `pg_stat_replication` and
+our own tables. Lag in seconds has one definition (`stream.lag`); from outside the process
+only part of it can be known, and the output says which:
+
+- 0 when the slot has confirmed everything the server has written;
+- otherwise unknown (the service knows it: `/api/status`, `mana_ai_replication_lag_seconds`),
+  with an upper bound: the snapshots are complete at least up to the commit time of the
+  last persisted transaction, so they are at most `now - that` behind.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TypedDict
 
 import psycopg
+from psycopg.rows import dict_row
 
+from core.instants import datetime_to_us
 from projections import persistence
 from stream import slots
 
@@ -32,51 +42,116 @@ class SlotStatus(TypedDict):
 class CheckpointStatus(TypedDict):
     lsn: str | None
     commit_time_us: int | None
+    epoch: int | None
+
+
+class SenderStatus(TypedDict):
+    """The slot's walsender, from `pg_stat_replication` (None when nobody streams)."""
+
+    pid: int
+    state: str | None
+    sent_lsn: str | None
+    flush_lsn: str | None
+    flush_lag_seconds: float | None
+    reply_age_seconds: float | None
 
 
 class Status(TypedDict):
     slot: SlotStatus
+    sender: SenderStatus | None
     checkpoint: CheckpointStatus
     lag_seconds: float | None
+    lag_seconds_at_most: float | None
+    lag_note: str
     snapshots: dict[str, dict[str, int]]
     dead_letters: int
 
 
-async def _has_schema(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
+Conn = psycopg.AsyncConnection[tuple[object, ...]]
+
+
+async def _has_schema(conn: Conn) -> bool:
     cur = await conn.execute("SELECT to_regclass('mana_ai.stream_checkpoint') IS NOT NULL")
     row = await cur.fetchone()
     return bool(row and row[0])
 
 
-async def collect_status(
-    conn: psycopg.AsyncConnection[tuple[object, ...]], *, slot: str
-) -> Status:
+async def _sender(conn: Conn, pid: int | None) -> SenderStatus | None:
+    if pid is None:
+        return None
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT pid, state, sent_lsn::text AS sent, flush_lsn::text AS flush,"
+            " extract(epoch FROM flush_lag)::float8 AS flush_lag,"
+            " extract(epoch FROM now() - reply_time)::float8 AS reply_age"
+            " FROM pg_stat_replication WHERE pid = %s",
+            (pid,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    return SenderStatus(
+        pid=int(row["pid"]),
+        state=row["state"],
+        sent_lsn=row["sent"],
+        flush_lsn=row["flush"],
+        flush_lag_seconds=row["flush_lag"],
+        reply_age_seconds=row["reply_age"],
+    )
+
+
+async def _checkpoint(conn: Conn, slot: str) -> CheckpointStatus:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT lsn::text AS lsn, commit_time, epoch FROM mana_ai.stream_checkpoint"
+            " WHERE slot_name = %s",
+            (slot,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        return CheckpointStatus(lsn=None, commit_time_us=None, epoch=None)
+    commit_time = row["commit_time"]
+    return CheckpointStatus(
+        lsn=row["lsn"],
+        commit_time_us=datetime_to_us(commit_time) if isinstance(commit_time, datetime) else None,
+        epoch=int(row["epoch"]),
+    )
+
+
+def _lag(
+    lag_bytes: int | None, checkpoint: CheckpointStatus, now_us: int
+) -> tuple[float | None, float | None, str]:
+    if lag_bytes is None:
+        return None, None, "no slot: nothing streams"
+    if lag_bytes <= 0:
+        return 0.0, 0.0, "the slot has confirmed everything the server has written"
+    commit = checkpoint["commit_time_us"]
+    at_most = None if commit is None else max(0.0, (now_us - commit) / 1_000_000)
+    return (
+        None,
+        at_most,
+        f"{lag_bytes} bytes of WAL not confirmed: how old they are cannot be known from"
+        " outside the service (see its /api/status or mana_ai_replication_lag_seconds);"
+        " the persisted snapshots are at most lag_seconds_at_most behind",
+    )
+
+
+async def collect_status(conn: Conn, *, slot: str) -> Status:
     lag = await slots.slot_lag(conn, slot)
     info = await slots.get_slot(conn, slot)
-    checkpoint = None
+    checkpoint = CheckpointStatus(lsn=None, commit_time_us=None, epoch=None)
     counts: dict[str, dict[str, int]] = {}
     dead = 0
     if await _has_schema(conn):
-        checkpoint = await persistence.read_checkpoint(conn, slot)
+        checkpoint = await _checkpoint(conn, slot)
         counts = await persistence.snapshot_counts(conn)
         cur = await conn.execute("SELECT count(*) FROM mana_ai.dead_letter")
         row = await cur.fetchone()
         dead = int(str(row[0])) if row else 0
-    # Seen from outside the service: 0 when the slot has confirmed everything the server
-    # wrote, else the time since our checkpoint last moved (the service's own, finer figure
-    # is mana_ai_replication_lag_seconds).
-    lag_seconds: float | None = None
-    if lag is not None and lag.lag_bytes is not None:
-        lag_seconds = 0.0
-        if lag.lag_bytes > 0 and await _has_schema(conn):
-            cur = await conn.execute(
-                "SELECT (extract(epoch from now() - updated_at))::float8"
-                " FROM mana_ai.stream_checkpoint WHERE slot_name = %s",
-                (slot,),
-            )
-            row = await cur.fetchone()
-            if row is not None and row[0] is not None:
-                lag_seconds = max(0.0, float(str(row[0])))
+    cur = await conn.execute("SELECT (extract(epoch FROM now()) * 1000000)::bigint")
+    now_row = await cur.fetchone()
+    now_us = int(str(now_row[0])) if now_row else 0
+    seconds, at_most, note = _lag(lag.lag_bytes if lag else None, checkpoint, now_us)
     return Status(
         slot=SlotStatus(
             name=slot,
@@ -95,39 +170,48 @@ async def collect_status(
             spill_bytes=lag.spill_bytes if lag else None,
             stream_bytes=lag.stream_bytes if lag else None,
         ),
-        checkpoint=CheckpointStatus(
-            lsn=str(checkpoint.lsn) if checkpoint else None,
-            commit_time_us=checkpoint.commit_time_us if checkpoint else None,
-        ),
-        lag_seconds=lag_seconds,
+        sender=await _sender(conn, info.active_pid if info else None),
+        checkpoint=checkpoint,
+        lag_seconds=seconds,
+        lag_seconds_at_most=at_most,
+        lag_note=note,
         snapshots=counts,
         dead_letters=dead,
     )
 
 
+def _seconds(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f} s"
+
+
 def format_status(status: Status) -> str:
     s = status["slot"]
-    lines = [
-        f"slot {s['name']}: "
-        + (
-            "missing"
-            if not s["exists"]
-            else (
-                f"{'active (pid ' + str(s['active_pid']) + ')' if s['active'] else 'inactive'}, "
-                f"wal_status {s['wal_status']}"
-            )
-        )
-    ]
+    if not s["exists"]:
+        state = "missing"
+    else:
+        holder = f"active (pid {s['active_pid']})" if s["active"] else "inactive"
+        state = f"{holder}, wal_status {s['wal_status']}"
+    lines = [f"slot {s['name']}: {state}"]
     if s["exists"]:
         lines.append(
             f"  confirmed flush {s['confirmed_flush_lsn']}, server WAL {s['current_wal_lsn']}"
         )
+        lag = _seconds(status["lag_seconds"])
+        if status["lag_seconds"] is None and status["lag_seconds_at_most"] is not None:
+            lag += f" (at most {status['lag_seconds_at_most']:.1f} s)"
         lines.append(
-            f"  lag {s['lag_bytes']} bytes, {status['lag_seconds']} s; retained WAL "
-            f"{s['retained_wal_bytes']} bytes; safe WAL {s['safe_wal_bytes']}"
+            f"  lag {s['lag_bytes']} bytes, {lag}; retained WAL {s['retained_wal_bytes']}"
+            f" bytes; safe WAL {s['safe_wal_bytes']}"
+        )
+        lines.append(f"  {status['lag_note']}")
+    sender = status["sender"]
+    if sender is not None:
+        lines.append(
+            f"walsender pid {sender['pid']}: {sender['state']}, flushed {sender['flush_lsn']},"
+            f" last reply {_seconds(sender['reply_age_seconds'])} ago"
         )
     cp = status["checkpoint"]
-    lines.append(f"checkpoint {cp['lsn'] or 'none'}")
+    lines.append(f"checkpoint {cp['lsn'] or 'none'} (leader epoch {cp['epoch'] or 'none'})")
     for kind, c in status["snapshots"].items():
         lines.append(f"{kind} snapshots: {c['live']} live, {c['deleted']} deleted")
     lines.append(f"dead letters: {status['dead_letters']}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from core.instants import format_stamp, parse_stamp
+from core.instants import iso_ms, parse_stamp
 from core.json_types import JsonValue
 
 MissionKey = tuple[str, str]  # (user_id, mission_id)
@@ -35,7 +35,7 @@ class Occurrence:
 
     @property
     def at_iso(self) -> str:
-        return format_stamp(self.at_us)
+        return iso_ms(self.at_us)
 
 
 def _deleted(value: JsonValue) -> bool:
@@ -56,7 +56,3 @@ def occurrence_of(key: MissionKey, values: Mapping[str, JsonValue]) -> Occurrenc
     if at is None:
         return None
     return Occurrence(at, key)
-
-
-def is_due(occurrence: Occurrence, now_us: int) -> bool:
-    return occurrence.at_us <= now_us

@@ -25,7 +25,7 @@ LEGACY_AGENT_NAME: Final = "Mana"
 DEFAULT_MAX_CONCURRENT: Final = 1
 
 
-class Decision(StrEnum):
+class GateDecision(StrEnum):
     RAN = "ran"
     SKIPPED_ARCHIVED = "skipped-archived"
     SKIPPED_PAUSED = "skipped-paused"
@@ -35,14 +35,14 @@ class Decision(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class GateResult:
-    decision: Decision
+    decision: GateDecision
     agent_id: str  # the agent that runs it (LEGACY_AGENT_ID when falling back)
     agent_name: str
     gated: bool  # False for the legacy agent: no limits, no decision metric
 
     @property
     def runs(self) -> bool:
-        return self.decision is Decision.RAN
+        return self.decision is GateDecision.RAN
 
 
 def max_concurrent(agent: Mapping[str, JsonValue]) -> int:
@@ -60,7 +60,7 @@ def token_cap(agent: Mapping[str, JsonValue]) -> int | None:
 
 
 def _legacy() -> GateResult:
-    return GateResult(Decision.RAN, LEGACY_AGENT_ID, LEGACY_AGENT_NAME, gated=False)
+    return GateResult(GateDecision.RAN, LEGACY_AGENT_ID, LEGACY_AGENT_NAME, gated=False)
 
 
 def decide(
@@ -78,12 +78,12 @@ def decide(
     display = name if isinstance(name, str) and name else agent_id
     state = agent.get("state")
     if state == "archived":
-        return GateResult(Decision.SKIPPED_ARCHIVED, agent_id, display, gated=True)
+        return GateResult(GateDecision.SKIPPED_ARCHIVED, agent_id, display, gated=True)
     if state == "paused":
-        return GateResult(Decision.SKIPPED_PAUSED, agent_id, display, gated=True)
+        return GateResult(GateDecision.SKIPPED_PAUSED, agent_id, display, gated=True)
     if in_flight >= max_concurrent(agent):
-        return GateResult(Decision.SKIPPED_CONCURRENCY, agent_id, display, gated=True)
+        return GateResult(GateDecision.SKIPPED_CONCURRENCY, agent_id, display, gated=True)
     cap = token_cap(agent)
     if cap is not None and tokens_last_24h >= cap:
-        return GateResult(Decision.SKIPPED_BUDGET, agent_id, display, gated=True)
-    return GateResult(Decision.RAN, agent_id, display, gated=True)
+        return GateResult(GateDecision.SKIPPED_BUDGET, agent_id, display, gated=True)
+    return GateResult(GateDecision.RAN, agent_id, display, gated=True)

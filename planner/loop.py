@@ -23,8 +23,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
-from core.json_types import JsonValue
-from planner.catalog import Decision
 from planner.chat import (
     ChatCompletion,
     Message,
@@ -34,6 +32,7 @@ from planner.chat import (
 )
 from planner.policy import OfferedTool
 from planner.prompt import MissionBrief
+from writer.iterations import PlanStep
 
 if TYPE_CHECKING:
     from planner.llm import ChatClient  # the aiohttp shell; not imported to plan offline
@@ -48,16 +47,6 @@ CallOutcome: TypeAlias = Literal["planned", "rejected", "parse-failure"]
 
 
 @dataclass(frozen=True, slots=True)
-class PlannedStep:
-    """One proposed tool call. `params` is the decoded JSON object; nobody mutates it."""
-
-    tool_name: str
-    module: str
-    params: dict[str, JsonValue]
-    policy: Decision
-
-
-@dataclass(frozen=True, slots=True)
 class CallRecord:
     """What became of one tool call (labels of `mana_ai_tool_calls_total{tool,policy,outcome}`).
     `policy` is `none` for a tool that was not offered."""
@@ -69,20 +58,18 @@ class CallRecord:
 
 @dataclass(frozen=True, slots=True)
 class PlanRequest:
-    """Everything one plan needs. `brief` is the plaintext mission text (for offline planning);
-    the ids are labels for logs and traces only."""
+    """Everything one plan needs. `brief` is the plaintext mission text (for offline
+    planning)."""
 
     messages: tuple[Message, ...]
     tools: tuple[OfferedTool, ...]
     brief: MissionBrief = _NO_BRIEF
-    mission_id: str = ""
-    agent_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PlanResult:
     summary: str
-    steps: tuple[PlannedStep, ...]
+    steps: tuple[PlanStep, ...]
     rounds: int
     usage: Usage
     parse_failures: int
@@ -115,7 +102,7 @@ class PlanConversation:
         self._max_rounds = max_rounds
         self._rounds = 0
         self._usage = Usage()
-        self._steps: list[PlannedStep] = []
+        self._steps: list[PlanStep] = []
         self._calls: list[CallRecord] = []
         self._summary = ""
         self._capped = False
@@ -158,7 +145,7 @@ class PlanConversation:
             self._calls.append(CallRecord(call.name, offered.policy, "parse-failure"))
             why = call.arguments_error or "arguments are not a JSON object"
             return _failure(f"{why}; call {call.name} again with a JSON object of arguments")
-        self._steps.append(PlannedStep(call.name, offered.module, call.arguments, offered.policy))
+        self._steps.append(offered.step(call.arguments))
         self._calls.append(CallRecord(call.name, offered.policy, "planned"))
         return ACCEPTED
 

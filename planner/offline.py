@@ -34,9 +34,10 @@ from core.clock import Clock
 from core.json_types import JsonValue
 from planner.catalog import ToolSpec
 from planner.chat import Usage
-from planner.loop import CallRecord, PlannedStep, PlanRequest, PlanResult
+from planner.loop import CallRecord, PlanRequest, PlanResult
 from planner.policy import OfferedTool
 from planner.prompt import MissionBrief
+from writer.iterations import PlanStep
 
 PROVIDER = "offline"
 MAX_STEPS = 3
@@ -101,7 +102,7 @@ def plan_offline(request: PlanRequest, *, now_us: int, max_steps: int = MAX_STEP
         params = fill_params(tool.spec, brief, now=now)
         if params is not None:  # always true: choose_tools only returns fillable tools
             chosen.append((tool, params))
-    steps = tuple(PlannedStep(t.name, t.module, p, t.policy) for t, p in chosen)
+    steps = tuple(t.step(p) for t, p in chosen)
     matched = bool(_matches(brief, [t for t, _ in chosen]))
     return PlanResult(
         summary=_summary(brief, steps, matched=matched),
@@ -258,7 +259,7 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0].strip() if text.strip() else ""
 
 
-def _summary(brief: MissionBrief, steps: Sequence[PlannedStep], *, matched: bool) -> str:
+def _summary(brief: MissionBrief, steps: Sequence[PlanStep], *, matched: bool) -> str:
     head = "Offline plan (no language model is configured)"
     subject = f' for "{brief.title}"' if brief.title else ""
     if not steps:

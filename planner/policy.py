@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from core.json_types import JsonValue
 from planner.catalog import Catalog, Decision, ToolSpec, as_decision
+from writer.iterations import PlanStep
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,29 @@ class OfferedTool:
     def module(self) -> str:
         return self.spec.module
 
+    def step(self, params: dict[str, JsonValue]) -> PlanStep:
+        """The plan step of one call of this tool with `params`, with its summary line."""
+        return PlanStep(
+            tool_name=self.name,
+            params=params,
+            summary=step_summary(self.spec.description, self.name, params),
+            module=self.module,
+            policy=self.policy,
+        )
+
+
+def step_summary(description: str, tool_name: str, params: dict[str, JsonValue]) -> str:
+    """A one-line summary of a proposed tool call for the iteration's plan: the first
+    sentence of the tool's description and up to three parameters."""
+    shown = []
+    for key, value in list(params.items())[:3]:
+        text = value if isinstance(value, str) else repr(value)
+        if len(text) > 60:
+            text = text[:57] + "..."
+        shown.append(f"{key}: {text}")
+    head = description.split(".")[0].strip() or tool_name
+    return f"{head} ({', '.join(shown)})" if shown else head
+
 
 def offered_tools(catalog: Catalog, policy: AgentPolicy | JsonValue) -> tuple[OfferedTool, ...]:
     """The tools one planner call offers, in catalog order.
@@ -131,8 +155,3 @@ def offered_tools(catalog: Catalog, policy: AgentPolicy | JsonValue) -> tuple[Of
         offered.append(OfferedTool(spec=tool, policy=decision))
     return tuple(offered)
 
-
-def denied_tools(catalog: Catalog, policy: AgentPolicy | JsonValue) -> tuple[str, ...]:
-    """Names of catalog tools the agent's policy resolves to `deny` (for logs and status)."""
-    parsed = policy if isinstance(policy, AgentPolicy) else parse_policy(policy)
-    return tuple(t.name for t in catalog if parsed.resolve(t) == "deny")

@@ -94,7 +94,8 @@ class DueIndex:
 
 
 class Scheduler:
-    """Sleeps until the earliest entry is due, hands due occurrences to `on_due`."""
+    """Sleeps until the earliest entry is due (on the injected clock), hands due occurrences
+    to `on_due`; only while enabled."""
 
     def __init__(self, *, clock: Clock, on_due: Callable[[list[Occurrence]], None]) -> None:
         self.index = DueIndex()
@@ -110,22 +111,32 @@ class Scheduler:
     def discard(self, key: MissionKey) -> None:
         self.index.discard(key)
 
-    def poke(self) -> None:
-        """Re-check now (a test moved the clock, or something was enabled)."""
+    def clear(self) -> None:
+        """Forget every entry (the snapshots were reloaded)."""
+        self.index = DueIndex()
         self._wake.set()
 
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
     def enable(self) -> None:
-        """Start handing out due occurrences (after the stream caught up at start)."""
+        """Start handing out due occurrences (this instance leads and has caught up)."""
         self._enabled = True
         self._wake.set()
 
+    def disable(self) -> None:
+        """Stop handing out due occurrences; entries stay indexed."""
+        self._enabled = False
+        self._wake.set()
+
     def run_once(self) -> float | None:
-        """Hand out what is due; seconds until the next entry (None: nothing scheduled)."""
-        now = self._clock.now_us()
-        if self._enabled:
-            due = self.index.pop_due(now)
-            if due:
-                self._on_due(due)
+        """Hand out what is due; seconds until the next entry (None: nothing to wait for)."""
+        if not self._enabled:
+            return None
+        due = self.index.pop_due(self._clock.now_us())
+        if due:
+            self._on_due(due)
         if not self._enabled:
             return None
         next_at = self.index.next_at()
@@ -137,12 +148,15 @@ class Scheduler:
         while not stop.is_set():
             self._wake.clear()
             delay = self.run_once()
-            stop_wait = asyncio.ensure_future(stop.wait())
-            wake_wait = asyncio.ensure_future(self._wake.wait())
+            waiters: list[asyncio.Future[object]] = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._wake.wait()),
+            ]
+            if delay is not None:
+                waiters.append(asyncio.ensure_future(self._clock.sleep(delay)))
             try:
-                await asyncio.wait(
-                    {stop_wait, wake_wait}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
-                )
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                stop_wait.cancel()
-                wake_wait.cancel()
+                for waiter in waiters:
+                    waiter.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)

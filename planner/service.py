@@ -14,10 +14,10 @@ from typing import Protocol
 from core.json_types import JsonValue
 from planner.catalog import Catalog
 from planner.gates import GateResult
-from planner.loop import CallRecord, PlannedStep, Planner, PlanRequest
+from planner.loop import CallRecord, Planner, PlanRequest
 from planner.policy import offered_tools
 from planner.prompt import ResolvedInput, build_prompt
-from writer.iterations import Step
+from writer.iterations import PlanStep
 
 _UNRESOLVED = "(content not available to the server planner)"
 
@@ -25,7 +25,7 @@ _UNRESOLVED = "(content not available to the server planner)"
 @dataclass(frozen=True, slots=True)
 class PlanOutcome:
     summary: str
-    steps: tuple[Step, ...]
+    steps: tuple[PlanStep, ...]
     tokens: int
     rounds: int
     provider: str
@@ -57,18 +57,6 @@ def input_references(mission: Mapping[str, JsonValue]) -> tuple[ResolvedInput, .
     return tuple(out)
 
 
-def step_summary(step: PlannedStep, description: str) -> str:
-    """A one-line summary of a proposed tool call for the iteration's plan."""
-    shown = []
-    for key, value in list(step.params.items())[:3]:
-        text = value if isinstance(value, str) else repr(value)
-        if len(text) > 60:
-            text = text[:57] + "..."
-        shown.append(f"{key}: {text}")
-    head = description.split(".")[0].strip() or step.tool_name
-    return f"{head} ({', '.join(shown)})" if shown else head
-
-
 class CatalogPlanner:
     """Builds the request from the catalog and the agent's policy; delegates the call."""
 
@@ -90,25 +78,11 @@ class CatalogPlanner:
         )
         policy = agent.get("policy") if agent is not None and gate.gated else None
         tools = offered_tools(self.catalog, policy)
-        mission_id = mission.get("id")
-        request = PlanRequest(
-            messages=prompt.messages,
-            tools=tools,
-            brief=prompt.brief,
-            mission_id=mission_id if isinstance(mission_id, str) else "",
-            agent_id=gate.agent_id,
-        )
+        request = PlanRequest(messages=prompt.messages, tools=tools, brief=prompt.brief)
         result = await self.planner.plan(request)
-        steps = []
-        for planned in result.steps:
-            spec = self.catalog.get(planned.tool_name)
-            description = spec.description if spec is not None else planned.tool_name
-            steps.append(
-                Step(planned.tool_name, planned.params, step_summary(planned, description))
-            )
         return PlanOutcome(
             summary=result.summary,
-            steps=tuple(steps),
+            steps=result.steps,
             tokens=result.usage.total_tokens,
             rounds=result.rounds,
             provider=result.provider,

@@ -2,37 +2,31 @@
 
 Invariant (group commit): the snapshot rows changed by a run of transactions, their dead
 letters and the checkpoint (end LSN of the last of those transactions) are written in ONE
-database transaction. Only after it commits may that LSN be confirmed to the slot.
+database transaction, which first proves that this instance still leads (the checkpoint
+row's epoch, `writer.fence`). Only after it commits may that LSN be confirmed to the slot.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Final
 
 import orjson
 from psycopg import AsyncConnection, sql
 
+from core.instants import datetime_to_us, us_to_datetime
 from core.lsn import Lsn
 from projections.merge import RecordState, keys_to_json, state_from_persisted, to_record
 from projections.projector import DeadLetter
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from writer.errors import FencedError
+from writer.fence import Fence
 
 # Snapshot batches above this size go through COPY into a staging table, smaller ones
 # through a pipelined executemany. COPY data is sent this many rows at a time.
 _COPY_THRESHOLD = 64
 _COPY_CHUNK: Final = 1000
-
-
-def us_to_datetime(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
-
-
-def datetime_to_us(dt: datetime) -> int:
-    return (dt - _EPOCH) // timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +144,6 @@ class PersistBatch:
     dead_letters: Sequence[DeadLetter]
     checkpoint: Checkpoint
 
-    @property
-    def size(self) -> int:
-        return len(self.missions) + len(self.agents) + len(self.dead_letters)
-
 
 _TABLES = {
     "mission": ("mission_snapshots", "mission_id"),
@@ -224,9 +214,30 @@ async def _write_snapshots(
         )
 
 
-async def write_batch(conn: AsyncConnection[tuple[object, ...]], batch: PersistBatch) -> None:
-    """Write snapshots, dead letters and the checkpoint atomically."""
+async def write_batch(
+    conn: AsyncConnection[tuple[object, ...]], batch: PersistBatch, fence: Fence
+) -> None:
+    """Write snapshots, dead letters and the checkpoint atomically, as the leader of
+    `fence`'s term; FencedError (nothing written) when a newer leader has taken over."""
+    cp = batch.checkpoint
+    if cp.slot != fence.slot:
+        raise ValueError(f"checkpoint of slot {cp.slot} under a fence of slot {fence.slot}")
     async with conn.transaction():
+        # First: the checkpoint, guarded by the epoch. The UPDATE locks the row, so a new
+        # leader's epoch increment waits for this transaction (see writer.fence).
+        cur = await conn.execute(
+            "UPDATE mana_ai.stream_checkpoint SET lsn = %s::pg_lsn,"
+            " commit_time = coalesce(%s, commit_time), updated_at = now()"
+            " WHERE slot_name = %s AND epoch = %s",
+            (
+                str(cp.lsn),
+                None if cp.commit_time_us is None else us_to_datetime(cp.commit_time_us),
+                cp.slot,
+                fence.epoch,
+            ),
+        )
+        if cur.rowcount != 1:
+            raise FencedError(fence.slot, fence.epoch, await _epoch(conn, fence.slot))
         await _write_snapshots(conn, "mission", batch.missions)
         await _write_snapshots(conn, "agent", batch.agents)
         if batch.dead_letters:
@@ -239,26 +250,23 @@ async def write_batch(conn: AsyncConnection[tuple[object, ...]], batch: PersistB
                         for d in batch.dead_letters
                     ],
                 )
-        cp = batch.checkpoint
-        await conn.execute(
-            "INSERT INTO mana_ai.stream_checkpoint (slot_name, lsn, commit_time, updated_at)"
-            " VALUES (%s, %s::pg_lsn, %s, now())"
-            " ON CONFLICT (slot_name) DO UPDATE SET lsn = EXCLUDED.lsn,"
-            " commit_time = coalesce(EXCLUDED.commit_time, mana_ai.stream_checkpoint.commit_time),"
-            " updated_at = now()",
-            (
-                cp.slot,
-                str(cp.lsn),
-                None if cp.commit_time_us is None else us_to_datetime(cp.commit_time_us),
-            ),
-        )
+
+
+async def _epoch(conn: AsyncConnection[tuple[object, ...]], slot: str) -> int | None:
+    cur = await conn.execute(
+        "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s", (slot,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else int(str(row[0]))
 
 
 async def read_checkpoint(
     conn: AsyncConnection[tuple[object, ...]], slot: str
 ) -> Checkpoint | None:
+    """The slot's checkpoint; None when nothing was ever persisted (or `reset` dropped it)."""
     cur = await conn.execute(
-        "SELECT lsn::text, commit_time FROM mana_ai.stream_checkpoint WHERE slot_name = %s",
+        "SELECT lsn::text, commit_time FROM mana_ai.stream_checkpoint"
+        " WHERE slot_name = %s AND lsn IS NOT NULL",
         (slot,),
     )
     row = await cur.fetchone()
@@ -319,11 +327,17 @@ async def load_snapshots(
                 yield states
 
 
-async def reset(conn: AsyncConnection[tuple[object, ...]], slot: str) -> None:
-    """Discard snapshots and the checkpoint (used by `rebuild`)."""
+async def reset(conn: AsyncConnection[tuple[object, ...]], fence: Fence) -> None:
+    """Discard snapshots and the checkpoint position (`rebuild`), as the leader of `fence`'s
+    term; the epoch stays, so the fence holds across the reset."""
     async with conn.transaction():
+        await fence.check(conn)
         await conn.execute("TRUNCATE mana_ai.mission_snapshots, mana_ai.agent_snapshots")
-        await conn.execute("DELETE FROM mana_ai.stream_checkpoint WHERE slot_name = %s", (slot,))
+        await conn.execute(
+            "UPDATE mana_ai.stream_checkpoint SET lsn = NULL, commit_time = NULL,"
+            " updated_at = now() WHERE slot_name = %s",
+            (fence.slot,),
+        )
 
 
 async def snapshot_counts(conn: AsyncConnection[tuple[object, ...]]) -> dict[str, dict[str, int]]:

@@ -1,19 +1,27 @@
 """The replication connection: the only code that touches the replication socket.
 
-It runs replication commands (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT) through psycopg and
-then drives the COPY_BOTH stream directly on `psycopg.pq`: frames in through the sans-IO frame
-codec, pgoutput decoder and transaction assembler (chained by `stream.reader.FrameReader`),
+It runs replication commands (CREATE_REPLICATION_SLOT) through psycopg and then drives the
+COPY_BOTH stream directly on `psycopg.pq`: frames in through the sans-IO frame codec,
+pgoutput decoder and transaction assembler (chained by `stream.reader.FrameReader`),
 committed transactions out to a sink; standby status updates back.
 
+The data path goes one way: the stream hands transactions to the sink; the sink never calls
+back into the connection. What may be confirmed comes back as values: the sink's answer to
+a keepalive (`StreamSink.on_keepalive`), and `confirm()`, which the connection's owner calls
+with the position a group commit returned.
+
 Invariants:
-- Only positions the sink has made durable are confirmed as flushed (`confirm()`); the sink
-  calls it after its snapshots and checkpoint are committed.
-- A keepalive's WAL end is offered to the sink as an idle position only when nothing received
-  is waiting: no open (or buffered streamed) transaction here, and nothing applied but
-  unpersisted in the sink.
-- Status updates go out on their own timer, checked inside the data path too, so a flood of
-  data never starves them; a keepalive that asks for a reply, and a position the sink has
-  just confirmed, go out within `_FRAMES_PER_YIELD` frames.
+- Only positions the owner has made durable are confirmed as flushed (`confirm()`).
+- A keepalive's WAL end is offered to the sink only when nothing received is waiting here:
+  no open (or buffered streamed) transaction; the sink adds that nothing applied is
+  unpersisted.
+- Status updates go out on their own timer (`StatusTimer`), checked inside the data path
+  too, so a flood of data never starves them; a keepalive that asks for a reply, and a
+  newly confirmed position, go out within `_FRAMES_PER_YIELD` frames.
+- Errors are classified by SQLSTATE: 55006 (the slot is active elsewhere) is
+  `SlotInUseError`; classes 08 and 57P0x are `ConnectionLostError`; anything else is a
+  `ReplicationError` carrying its SQLSTATE, which the supervisor resolves by reading the
+  slot's state from the server (missing or invalidated: rebuild).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from psycopg import pq
 
 from core.clock import Clock
 from core.lsn import ZERO, Lsn
-from stream.errors import ConnectionLostError, ReplicationError, SlotInUseError, SlotLostError
+from stream.errors import ConnectionLostError, ReplicationError, SlotInUseError
 from stream.frames import PrimaryKeepalive, encode_status_update
 from stream.messages import LogicalMessage
 from stream.reader import FrameReader
@@ -42,18 +50,22 @@ _FRAMES_PER_YIELD = 2000
 
 
 class StreamSink(Protocol):
-    """Receives what the stream delivers. Called synchronously from the stream loop."""
+    """Receives what the stream delivers, synchronously from the stream loop."""
 
-    def on_transaction(self, tx: CommittedTransaction) -> None: ...
+    def on_transaction(self, tx: CommittedTransaction) -> bool:
+        """Take a committed transaction. False: it is large and not yet fully applied; the
+        stream awaits `finish()` before it reads on."""
+        ...
+
+    async def finish(self) -> None:
+        """Apply the rest of the transaction `on_transaction` took, yielding in between."""
+        ...
 
     def on_logical_message(self, msg: LogicalMessage) -> None: ...
 
-    def on_idle_position(self, lsn: Lsn) -> None:
-        """The server has sent everything before `lsn` and none of it is pending."""
-        ...
-
-    def is_idle(self) -> bool:
-        """True when nothing applied is waiting to be persisted."""
+    def on_keepalive(self, wal_end: Lsn) -> bool:
+        """The server has sent everything before `wal_end` and no transaction is open: True
+        when nothing is pending in the sink either, so `wal_end` may be confirmed."""
         ...
 
 
@@ -65,6 +77,8 @@ class StreamOptions:
     streaming: bool = True
     messages: bool = True
     status_interval: float = 10.0
+    compiled: bool = True
+    """Use the compiled frame path when it is built (see stream/reader.py)."""
 
     def start_command(self, start: Lsn) -> bytes:
         opts = [
@@ -78,14 +92,6 @@ class StreamOptions:
         return (
             f'START_REPLICATION SLOT "{self.slot}" LOGICAL {start} ({", ".join(opts)})'
         ).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class SystemIdentity:
-    system_id: str
-    timeline: int
-    xlogpos: Lsn
-    dbname: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,26 +113,44 @@ class StreamStats:
     received_lsn: Lsn = ZERO
     flushed_lsn: Lsn = ZERO
     last_server_time_us: int = 0
+    last_message_at: float = 0.0
+    """Monotonic time the server last sent anything (data or keepalive)."""
 
 
-def _translate_result_error(res: pq.abc.PGresult, slot: str) -> ReplicationError:
-    sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+class StatusTimer:
+    """When the next standby status update is due. Pure: time (monotonic) is passed in."""
+
+    __slots__ = ("interval", "next_at")
+
+    def __init__(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.next_at = now + interval
+
+    def due(self, now: float, *, urgent: bool) -> bool:
+        """`urgent`: the server asked for a reply, or a new position was confirmed."""
+        return urgent or now >= self.next_at
+
+    def sent(self, now: float) -> None:
+        self.next_at = now + self.interval
+
+    def wait(self, now: float) -> float:
+        """Seconds until an update is due on the timer alone."""
+        return max(0.0, self.next_at - now)
+
+
+def classify_result_error(res: pq.abc.PGresult, slot: str) -> ReplicationError:
+    """The error of a failed replication command or stream, by its SQLSTATE."""
+    sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode() or None
     message = (res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode(
         "utf-8", "replace"
     )
     detail = (res.error_field(pq.DiagnosticField.MESSAGE_DETAIL) or b"").decode("utf-8", "replace")
     text = f"{message} ({sqlstate})" + (f": {detail}" if detail else "")
     if sqlstate == "55006":
-        return SlotInUseError(text, slot=slot, hint="another instance is streaming from it")
-    if sqlstate == "42704" and "slot" in message:
-        return SlotLostError(text, slot=slot)
-    if sqlstate in {"55000", "58P01"} and (
-        "invalidated" in detail or "invalidated" in message or "removed" in message
-    ):
-        return SlotLostError(text, slot=slot)
-    if sqlstate.startswith("08") or sqlstate.startswith("57"):
-        return ConnectionLostError(text, slot=slot)
-    return ReplicationError(text, slot=slot)
+        return SlotInUseError(text, slot=slot, sqlstate=sqlstate)
+    if sqlstate is None or sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}:
+        return ConnectionLostError(text, slot=slot, sqlstate=sqlstate)
+    return ReplicationError(text, slot=slot, sqlstate=sqlstate)
 
 
 class ReplicationConnection:
@@ -167,17 +191,6 @@ class ReplicationConnection:
     async def close(self) -> None:
         await self._conn.close()
 
-    async def identify_system(self) -> SystemIdentity:
-        cur = await self._conn.execute("IDENTIFY_SYSTEM")
-        row = await cur.fetchone()
-        assert row is not None
-        return SystemIdentity(
-            system_id=str(row[0]),
-            timeline=int(str(row[1])),
-            xlogpos=Lsn.parse(str(row[2])),
-            dbname=None if row[3] is None else str(row[3]),
-        )
-
     async def create_slot(self, name: str, *, export_snapshot: bool) -> CreatedSlot:
         """Create a pgoutput slot. With `export_snapshot`, the snapshot stays valid until the
         next command on this connection: read the table in it, then `stream()`."""
@@ -190,7 +203,9 @@ class ReplicationConnection:
         try:
             cur = await self._conn.execute(cmd.encode())
         except psycopg.errors.DuplicateObject as exc:
-            raise ReplicationError(f"replication slot {name!r} already exists", slot=name) from exc
+            raise ReplicationError(
+                f"replication slot {name!r} already exists", slot=name, sqlstate=exc.sqlstate
+            ) from exc
         except psycopg.OperationalError as exc:
             raise ConnectionLostError(f"creating slot {name!r}: {exc}", slot=name) from exc
         row = await cur.fetchone()
@@ -237,6 +252,7 @@ class ReplicationConnection:
             stop_task.add_done_callback(lambda _f: wake.set())
         try:
             await self._start(start, options, wake)
+            self.stats.last_message_at = self._clock.monotonic()
             if on_started is not None:
                 on_started()
             await self._run(sink, options, wake, stop)
@@ -272,7 +288,7 @@ class ReplicationConnection:
             # Drain the remaining results so the connection stays usable for close().
             while pgconn.get_result() is not None:
                 pass
-            raise _translate_result_error(res, options.slot)
+            raise classify_result_error(res, options.slot)
         log.info("streaming from slot %s at %s", options.slot, start)
 
     async def send_status(self) -> None:
@@ -318,15 +334,12 @@ class ReplicationConnection:
         wake: asyncio.Event,
         stop: asyncio.Event | None,
     ) -> None:
+        """The outer loop: read what arrived, send status updates when due, sleep until the
+        socket is readable or the next update is due."""
         pgconn = self._conn.pgconn
-        get_copy_data = pgconn.get_copy_data
         reader = FrameReader(options.proto_version)
-        pump = reader.pump
-        feed = reader.feed
-        stats = self.stats
         clock = self._clock
-        interval = options.status_interval
-        next_status = clock.monotonic() + interval
+        timer = StatusTimer(options.status_interval, clock.monotonic())
         while True:
             if stop is not None and stop.is_set():
                 await self._send_status(wake)
@@ -336,72 +349,11 @@ class ReplicationConnection:
                 pgconn.consume_input()
             except psycopg.OperationalError as exc:
                 raise ConnectionLostError(f"replication connection lost: {exc}") from exc
-            handled = 0
-            reply_now = False
-            drained = False
-            # The data path. `pump` takes the plain Inserts in C, as many as come in a row,
-            # and hands back the first other frame, which goes through `feed`; the loop
-            # keeps to locals. The received position lives in the reader and reaches `stats`
-            # before anything else can read it (a sink call, an await).
-            while True:
-                try:
-                    taken, taken_bytes, rest = pump(
-                        get_copy_data, _FRAMES_PER_YIELD - handled % _FRAMES_PER_YIELD
-                    )
-                    if taken:
-                        drained = False
-                        handled += taken
-                        stats.frames += taken
-                        stats.bytes += taken_bytes
-                    if rest == 0 and not drained:
-                        # libpq's buffer is empty: read the socket once more before paying
-                        # for a trip through the event loop. Fairness does not suffer: the
-                        # loop still yields every _FRAMES_PER_YIELD frames.
-                        drained = True
-                        pgconn.consume_input()
-                        continue
-                except psycopg.OperationalError as exc:
-                    raise ConnectionLostError(f"replication stream failed: {exc}") from exc
-                if isinstance(rest, bytes):
-                    drained = False
-                    stats.frames += 1
-                    stats.bytes += len(rest)
-                    out = feed(rest)
-                    handled += 1
-                    if out is not None:
-                        self._note_received(reader)
-                        if isinstance(out, CommittedTransaction):
-                            stats.transactions += 1
-                            sink.on_transaction(out)
-                        elif isinstance(out, PrimaryKeepalive):
-                            stats.keepalives += 1
-                            stats.last_server_time_us = out.send_time_us
-                            # Invariant: only when nothing received is pending anywhere.
-                            if not reader.in_transaction and sink.is_idle():
-                                sink.on_idle_position(out.wal_end)
-                            if out.reply_requested:
-                                reply_now = True
-                        else:
-                            sink.on_logical_message(out)
-                elif rest is not None:  # no frame: 0 none buffered, < 0 the copy ended
-                    if rest == 0:
-                        break
-                    res = pgconn.get_result()
-                    if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
-                        raise _translate_result_error(res, options.slot)
-                    raise ConnectionLostError("the server ended the replication stream")
-                if handled % _FRAMES_PER_YIELD == 0:
-                    self._note_received(reader)
-                    if reply_now or self._status_due or clock.monotonic() >= next_status:
-                        await self._send_status(wake)
-                        next_status = clock.monotonic() + interval
-                        reply_now = False
-                    await asyncio.sleep(0)
-            self._note_received(reader)
+            handled, reply = await self._drain(reader, sink, options, wake, timer)
             now = clock.monotonic()
-            if reply_now or self._status_due or now >= next_status:
+            if timer.due(now, urgent=reply or self._status_due):
                 await self._send_status(wake)
-                next_status = clock.monotonic() + interval
+                timer.sent(clock.monotonic())
                 now = clock.monotonic()
             if handled and not wake.is_set():
                 # More may have arrived while we were busy; poll once more before sleeping.
@@ -409,10 +361,89 @@ class ReplicationConnection:
                 await asyncio.sleep(0)
                 continue
             try:
-                async with asyncio.timeout(max(0.0, next_status - now)):
+                async with asyncio.timeout(timer.wait(now)):
                     await wake.wait()
             except TimeoutError:
                 pass
+
+    async def _drain(
+        self,
+        reader: FrameReader,
+        sink: StreamSink,
+        options: StreamOptions,
+        wake: asyncio.Event,
+        timer: StatusTimer,
+    ) -> tuple[int, bool]:
+        """The data path: every frame libpq has buffered, and what the socket has on top.
+        `pump` takes the plain Inserts in C, as many as come in a row, and hands back the
+        first other frame, which goes through `feed`; the loop keeps to locals. The received
+        position lives in the reader and reaches `stats` before anything else can read it
+        (a sink call, an await). Returns (frames handled, a reply was requested)."""
+        pgconn = self._conn.pgconn
+        get_copy_data = pgconn.get_copy_data
+        pump, feed = reader.pump, reader.feed
+        stats, clock = self.stats, self._clock
+        handled = 0
+        reply = False
+        drained = False
+        while True:
+            try:
+                taken, taken_bytes, rest = pump(
+                    get_copy_data, _FRAMES_PER_YIELD - handled % _FRAMES_PER_YIELD
+                )
+                if taken:
+                    drained = False
+                    handled += taken
+                    stats.frames += taken
+                    stats.bytes += taken_bytes
+                if rest == 0 and not drained:
+                    # libpq's buffer is empty: read the socket once more before paying for a
+                    # trip through the event loop. Fairness does not suffer: the loop still
+                    # yields every _FRAMES_PER_YIELD frames.
+                    drained = True
+                    pgconn.consume_input()
+                    continue
+            except psycopg.OperationalError as exc:
+                raise ConnectionLostError(f"replication stream failed: {exc}") from exc
+            if isinstance(rest, bytes):
+                drained = False
+                stats.frames += 1
+                stats.bytes += len(rest)
+                out = feed(rest)
+                handled += 1
+                if out is not None:
+                    self._note_received(reader)
+                    if isinstance(out, CommittedTransaction):
+                        stats.transactions += 1
+                        if not sink.on_transaction(out):
+                            await sink.finish()
+                    elif isinstance(out, PrimaryKeepalive):
+                        stats.keepalives += 1
+                        stats.last_server_time_us = out.send_time_us
+                        # Invariant: only when nothing received is pending anywhere.
+                        if not reader.in_transaction and sink.on_keepalive(out.wal_end):
+                            self.confirm(out.wal_end)
+                        reply = reply or out.reply_requested
+                    else:
+                        sink.on_logical_message(out)
+            elif rest is not None:  # no frame: 0 none buffered, < 0 the copy ended
+                if rest == 0:
+                    break
+                res = pgconn.get_result()
+                if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
+                    raise classify_result_error(res, options.slot)
+                raise ConnectionLostError("the server ended the replication stream")
+            if handled % _FRAMES_PER_YIELD == 0:
+                self._note_received(reader)
+                if timer.due(clock.monotonic(), urgent=reply or self._status_due):
+                    await self._send_status(wake)
+                    timer.sent(clock.monotonic())
+                    reply = False
+                await asyncio.sleep(0)
+        self._note_received(reader)
+        if handled:
+            stats.last_message_at = clock.monotonic()
+        return handled, reply
 
     def _note_received(self, reader: FrameReader) -> None:
         """Bring `stats.received_lsn` up to what the reader has seen."""

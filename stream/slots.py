@@ -60,8 +60,12 @@ def _lsn(value: object) -> Lsn | None:
     return None if value is None else Lsn.parse(str(value))
 
 
-async def server_version(conn: AsyncConnection[tuple[object, ...]]) -> int:
-    return conn.info.server_version
+async def current_wal_lsn(conn: AsyncConnection[tuple[object, ...]]) -> Lsn:
+    """The server's current WAL write position."""
+    cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+    row = await cur.fetchone()
+    assert row is not None
+    return Lsn.parse(str(row[0]))
 
 
 async def get_slot(conn: AsyncConnection[tuple[object, ...]], name: str) -> SlotInfo | None:
@@ -167,10 +171,6 @@ class PublicationInfo:
     has_table: bool
     row_filter: str | None
     columns: tuple[str, ...] | None = None  # the column list; None: every column
-
-    @property
-    def server_filtered(self) -> bool:
-        return self.row_filter is not None
 
 
 async def source_table_exists(conn: AsyncConnection[tuple[object, ...]]) -> bool:

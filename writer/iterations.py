@@ -1,9 +1,13 @@
 """Writing a mission iteration back to `sync_changes`, exactly once (domain.md §6).
 
 Invariant: the `sync_changes` row, the ledger row turning final and the token usage are
-written in ONE transaction, under a row lock on the ledger row, and the iteration id is
-derived from the occurrence. A crash at any point, a replay, or a retry therefore never
-appends a second iteration for the same occurrence.
+written in ONE transaction, under a row lock on the ledger row and behind the leader's fence
+(`writer.fence`), and the iteration id is derived from the occurrence. A crash at any point,
+a replay, a retry or a deposed instance therefore never appends a second iteration for the
+same occurrence.
+
+Every timestamp written here is in JS `toISOString()` form (`core.instants.iso_ms`), as the
+web app writes them.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from typing import Final
 import orjson
 from psycopg import AsyncConnection
 
-from core.instants import format_stamp, us_to_datetime
+from core.instants import iso_ms, us_to_datetime
 from core.json_types import JsonValue
+from core.sync_changes import CLIENT_ID
+from writer.fence import Fence
 from writer.ledger import FINAL
 from writer.with_user import with_user
 
-CLIENT_ID: Final = "mana-ai-runner"
 _NAMESPACE: Final = uuid.UUID("5b0f3a4e-2d1c-4f7b-9a63-6d2a1e0c9b11")
 
 
@@ -31,10 +36,17 @@ def iteration_id_for(user_id: str, mission_id: str, occurrence_us: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class PlanStep:
+    """One proposed tool call of a plan (the one plan-step type: the planner makes them,
+    the iteration carries them). `params` is the decoded JSON object; nobody mutates it.
+    `summary` is the line the user reads; `module` and `policy` come from the tool catalog
+    (`policy` is the resolved `auto`/`propose`)."""
+
     tool_name: str
     params: dict[str, JsonValue]
     summary: str
+    module: str = ""
+    policy: str = "propose"
 
 
 def build_iteration(
@@ -43,7 +55,7 @@ def build_iteration(
     started_us: int,
     finished_us: int,
     summary: str,
-    steps: Sequence[Step],
+    steps: Sequence[PlanStep],
     error: dict[str, JsonValue] | None = None,
 ) -> dict[str, JsonValue]:
     """The iteration record (domain.md §3). With `error`, a failed iteration the user sees."""
@@ -58,8 +70,8 @@ def build_iteration(
     ]
     iteration: dict[str, JsonValue] = {
         "id": iteration_id,
-        "startedAt": format_stamp(started_us),
-        "finishedAt": format_stamp(finished_us),
+        "startedAt": iso_ms(started_us),
+        "finishedAt": iso_ms(finished_us),
         "plan": plan,
         "summary": summary,
         "overallStatus": "approved" if not plan else "awaiting-review",
@@ -103,12 +115,16 @@ class WriteBack:
     tokens: int = 0
 
 
-async def write_back(conn: AsyncConnection[tuple[object, ...]], wb: WriteBack) -> bool:
-    """Append the iteration; False when the occurrence was already final (nothing written)."""
+async def write_back(
+    conn: AsyncConnection[tuple[object, ...]], wb: WriteBack, fence: Fence
+) -> bool:
+    """Append the iteration; False when the occurrence was already final (nothing written).
+    FencedError (nothing written) when this instance no longer leads."""
     assert wb.final_status in FINAL
     iteration_id = wb.iteration["id"]
     occurrence = us_to_datetime(wb.occurrence_us)
     async with with_user(conn, wb.user_id):
+        await fence.check(conn)
         cur = await conn.execute(
             "SELECT status FROM mana_ai.dispatch_ledger"
             " WHERE user_id = %s AND mission_id = %s AND occurrence = %s FOR UPDATE",
@@ -133,7 +149,7 @@ async def write_back(conn: AsyncConnection[tuple[object, ...]], wb: WriteBack) -
                 wb.mission_id,
                 wb.user_id,
                 orjson.dumps(data).decode(),
-                orjson.dumps({"iterations": format_stamp(wb.now_us)}).decode(),
+                orjson.dumps({"iterations": iso_ms(wb.now_us)}).decode(),
                 CLIENT_ID,
                 orjson.dumps(wb.actor).decode(),
             ),

@@ -22,14 +22,16 @@ import pytest
 from core.lsn import Lsn
 from core.sync_changes import COLUMNS
 from mission_runner.app import App, open_app
+from mission_runner.cli import prepare_database
 from mission_runner.devschema import DDL
-from mission_runner.ingest import Ingestor
 from mission_runner.metrics import Metrics
-from mission_runner.missions import MissionRuntime
 from mission_runner.settings import Settings
+from planner.runtime import MissionRuntime
+from projections.ingest import Ingest
 from projections.merge import to_record
 from projections.projector import Outcome, Projector
 from projections.stores import SnapshotStore
+from stream.supervisor import Supervisor
 from tests.fix_pg import TestDatabase
 
 pytestmark = pytest.mark.integration
@@ -204,7 +206,7 @@ def persisted(db: TestDatabase) -> Snapshot:
 
 
 def in_memory(app: App) -> Snapshot:
-    ing = app.ingestor
+    ing = app.ingest
     return {
         "mission": {(s.user_id, s.record_id): (to_record(s), s.deleted) for s in ing.missions},
         "agent": {(s.user_id, s.record_id): (to_record(s), s.deleted) for s in ing.agents},
@@ -275,8 +277,12 @@ class Running:
     task: asyncio.Task[None]
 
     @property
-    def ingestor(self) -> Ingestor:
-        return self.app.ingestor
+    def ingest(self) -> Ingest:
+        return self.app.ingest
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return self.app.supervisor
 
     @property
     def runtime(self) -> MissionRuntime:
@@ -292,12 +298,12 @@ async def running_service(
 ) -> AsyncIterator[Running]:
     settings = settings or settings_for(db)
     async with open_app(settings, dsn=db.dsn, metrics=metrics or Metrics()) as app:
-        await app.ingestor.boot()
+        await prepare_database(app)
         stop = asyncio.Event()
-        task = asyncio.create_task(app.ingestor.run(stop))
+        task = asyncio.create_task(app.supervisor.run(stop))
         try:
             async with asyncio.timeout(30):
-                while not app.ingestor.streaming.is_set():
+                while not app.supervisor.streaming.is_set():
                     if task.done():
                         task.result()
                     await asyncio.sleep(0.01)

@@ -55,7 +55,7 @@ async def test_rows_from_other_connections_reach_memory_and_tables(db: TestDatab
             ),
             Change("u2", "notes", "n1", "insert", {"id": "n1"}, {}, app_id="notes"),
         )
-        ing = svc.ingestor
+        ing = svc.ingest
         await eventually(
             lambda: (
                 ing.missions.get("u1", "m1") is not None
@@ -64,7 +64,7 @@ async def test_rows_from_other_connections_reach_memory_and_tables(db: TestDatab
             what="the update in memory",
         )
         assert ing.agents.get("u1", "a1") is not None
-        await ing.sync_point()
+        await svc.supervisor.sync_point()
         assert persisted(db) == recompute(db) == in_memory(svc.app)
         assert sample(metrics, "mana_ai_stream_rows_total", table="aiMissions") == 2
         assert sample(metrics, "mana_ai_stream_rows_total", table="agents") == 1
@@ -94,8 +94,8 @@ async def test_other_apps_are_filtered_on_the_server(db: TestDatabase) -> None:
             ],
         )
         await awrite(db, mission_insert("u", "m1"))
-        await svc.ingestor.sync_point()
-        repl = svc.ingestor.replication
+        await svc.supervisor.sync_point()
+        repl = svc.supervisor.replication
         assert repl is not None
     # The 50 notes rows never crossed the wire: only the mission row was received.
     assert sample(metrics, "mana_ai_stream_rows_total", table="aiMissions") == 1
@@ -115,15 +115,15 @@ async def test_restart_resumes_without_loss_or_double_apply(db: TestDatabase) ->
     write(db, mission_insert("u1", "m0"))
     async with running_service(db) as svc:
         await awrite(db, mission_insert("u1", "m1"))
-        await svc.ingestor.sync_point()
-        first = svc.ingestor.rows_applied
+        await svc.supervisor.sync_point()
+        first = svc.ingest.rows_applied
     write(db, mission_insert("u1", "m2"), mission_insert("u2", "m3"))
     async with running_service(db) as svc:
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         # Only the two rows committed while stopped were applied: no replay of history.
-        assert svc.ingestor.rows_applied == 2
-        assert svc.ingestor.transactions_applied >= 1
-        assert len(svc.ingestor.missions) == 4
+        assert svc.ingest.rows_applied == 2
+        assert svc.ingest.transactions_applied >= 1
+        assert len(svc.ingest.missions) == 4
     assert first + 2 == ai_row_count(db)
     assert persisted(db) == recompute(db)
 
@@ -156,9 +156,9 @@ async def test_first_start_loads_history_in_the_slot_snapshot_without_gap(
         await asyncio.sleep(0.3)
         stop.set()
         written = await task
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         assert written > 10
-        assert svc.ingestor.rows_applied == ai_row_count(db)
+        assert svc.ingest.rows_applied == ai_row_count(db)
         assert in_memory(svc.app) == recompute(db)
     assert persisted(db) == recompute(db)
 
@@ -176,8 +176,8 @@ async def test_malformed_rows_go_to_dead_letter_and_the_stream_goes_on(db: TestD
         await awrite(
             db, Change("u", "aiMissions", "good", "insert", {"title": "ok"}, {"title": 12345})
         )
-        await svc.ingestor.sync_point()
-        assert svc.ingestor.missions.get("u", "good") is not None
+        await svc.supervisor.sync_point()
+        assert svc.ingest.missions.get("u", "good") is not None
     with db.connect() as conn:
         rows = conn.execute(
             "SELECT reason, lsn IS NOT NULL, raw->'columns'->>'record_id'"
@@ -200,14 +200,14 @@ async def test_delete_on_sync_changes_still_succeeds_with_the_publication(
 ) -> None:
     async with running_service(db) as svc:
         await awrite(db, mission_insert("u", "m1"), mission_insert("u", "m2"))
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         with db.connect() as conn:
             deleted = conn.execute("DELETE FROM sync_changes WHERE record_id = 'm1'").rowcount
             conn.execute("UPDATE sync_changes SET client_id = 'x' WHERE record_id = 'm2'")
         assert deleted == 1
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         # Hard deletes by other services do not touch our snapshots.
-        assert svc.ingestor.missions.get("u", "m1") is not None
+        assert svc.ingest.missions.get("u", "m1") is not None
 
 
 async def test_large_transaction_beyond_logical_decoding_work_mem(db: TestDatabase) -> None:
@@ -217,7 +217,7 @@ async def test_large_transaction_beyond_logical_decoding_work_mem(db: TestDataba
         conn.execute(f"ALTER DATABASE {db.name} SET logical_decoding_work_mem = '64kB'")
     async with running_service(db, settings, metrics=metrics) as svc:
         rows = bulk_missions(db, users=5, missions=5000, updates=0, tx_size=5000)
-        await svc.ingestor.sync_point()
-        assert svc.ingestor.rows_applied == rows == 5000
-        assert len(svc.ingestor.missions) == 5000
+        await svc.supervisor.sync_point()
+        assert svc.ingest.rows_applied == rows == 5000
+        assert len(svc.ingest.missions) == 5000
     assert persisted(db) == recompute(db)

@@ -119,7 +119,7 @@ async def test_http_endpoints_and_metrics(db: TestDatabase) -> None:
         runner_port = svc.app.status.port
         assert runner_port is not None
         await awrite(db, mission_insert("u", "m1"))
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         await svc.app.monitor.sample()
         health = await asyncio.to_thread(get, runner_port, "/healthz")
         ready = await asyncio.to_thread(get, runner_port, "/readyz")

@@ -149,18 +149,18 @@ async def test_server_restart_while_streaming(
     metrics = Metrics()
     async with running_service(db, metrics=metrics) as svc:
         await awrite(db, mission_insert("u", "before"))
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         await asyncio.to_thread(controllable_server.restart, "fast")
         await awrite(db, mission_insert("u", "after"))
         async with asyncio.timeout(60):
             while True:
                 try:
-                    await svc.ingestor.sync_point()
+                    await svc.supervisor.sync_point()
                     break
                 except psycopg.OperationalError:
                     await asyncio.sleep(0.1)
         assert sample(metrics, "mana_ai_stream_reconnects_total", error="connection") >= 1
-        assert svc.ingestor.rows_applied == 2
+        assert svc.ingest.rows_applied == 2
     assert persisted(db) == recompute(db)
 
 
@@ -173,33 +173,33 @@ async def test_immediate_server_restart_resends_are_skipped(
     async with running_service(db, metrics=metrics) as svc:
         for i in range(10):
             await awrite(db, mission_insert("u", f"m{i}"))
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         await asyncio.to_thread(controllable_server.restart, "immediate")
         await awrite(db, mission_insert("u", "after"))
         async with asyncio.timeout(60):
             while True:
                 try:
-                    await svc.ingestor.sync_point()
+                    await svc.supervisor.sync_point()
                     break
                 except psycopg.OperationalError:
                     await asyncio.sleep(0.1)
-        assert svc.ingestor.rows_applied == 11
+        assert svc.ingest.rows_applied == 11
     assert persisted(db) == recompute(db)
 
 
 async def test_slot_dropped_while_stopped_is_rebuilt_without_gap(db: TestDatabase) -> None:
     async with running_service(db) as svc:
         await awrite(db, mission_insert("u", "m1"))
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
     with db.connect() as conn:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (db.slot,))
     write(db, mission_insert("u", "m2"), mission_insert("u", "m3"))
     metrics = Metrics()
     async with running_service(db, metrics=metrics) as svc:
         await awrite(db, mission_insert("u", "m4"))
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         assert sample(metrics, "mana_ai_stream_rebuilds_total", reason="slot-missing") == 1
-        assert len(svc.ingestor.missions) == 4
+        assert len(svc.ingest.missions) == 4
     assert persisted(db) == recompute(db)
 
 
@@ -221,7 +221,7 @@ async def test_invalidated_slot_is_rebuilt_once(
 ) -> None:
     async with running_service(db) as svc:
         await awrite(db, mission_insert("u", "m1"))
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
     controllable_server.set_config("max_slot_wal_keep_size", "1MB")
     try:
         for _ in range(20):
@@ -233,9 +233,9 @@ async def test_invalidated_slot_is_rebuilt_once(
         metrics = Metrics()
         async with running_service(db, metrics=metrics) as svc:
             await awrite(db, mission_insert("u", "m3"))
-            await svc.ingestor.sync_point()
+            await svc.supervisor.sync_point()
             assert sample(metrics, "mana_ai_stream_rebuilds_total", reason="slot-invalidated") == 1
-            assert len(svc.ingestor.missions) == 3
+            assert len(svc.ingest.missions) == 3
         assert (slot_row(db) or {}).get("wal_status") != "lost"
     finally:
         controllable_server.set_config("max_slot_wal_keep_size", None)
@@ -252,7 +252,7 @@ async def test_quiet_table_keeps_retained_wal_bounded(db: TestDatabase) -> None:
     try:
         async with running_service(db, settings) as svc:
             await awrite(db, mission_insert("u", "m1"))
-            await svc.ingestor.sync_point()
+            await svc.supervisor.sync_point()
             for _ in range(6):
                 await asyncio.to_thread(_generate_wal, db, 16)
                 await asyncio.sleep(0.5)
@@ -285,7 +285,7 @@ async def test_status_updates_survive_a_flood_with_a_short_sender_timeout(
         rows = await asyncio.to_thread(
             bulk_missions, db, users=50, missions=20000, updates=40000, tx_size=500
         )
-        await svc.ingestor.sync_point()
-        assert svc.ingestor.rows_applied == rows
+        await svc.supervisor.sync_point()
+        assert svc.ingest.rows_applied == rows
         assert sample(metrics, "mana_ai_stream_reconnects_total", error="connection") == 0
     assert ai_row_count(db) == rows

@@ -137,10 +137,10 @@ async def test_a_due_mission_gets_exactly_one_iteration(
         await eventually(lambda: len(iteration_rows(db)) == 1, what="the iteration row")
         # Our own row comes back through the stream into the snapshot.
         await eventually(
-            lambda: bool((s := svc.ingestor.missions.get("u1", "m1")) and s.values["iterations"]),
+            lambda: bool((s := svc.ingest.missions.get("u1", "m1")) and s.values["iterations"]),
             what="the echo of the iteration",
         )
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         assert svc.runtime.in_flight == 0
     rows = iteration_rows(db)
     assert len(rows) == 1
@@ -252,7 +252,7 @@ async def test_gates_skip_and_count(db: TestDatabase, fake_llm: FakeLLM) -> None
         # Resuming the paused agent is an event: its due mission runs, without polling.
         await awrite(db, agent_update("paused", state="active"))
         await eventually(lambda: len(iteration_rows(db, "m2")) == 1, what="the resumed mission")
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
     assert fake_llm.requests and len(fake_llm.requests) == 1
     assert iteration_rows(db, "m1") == [] and iteration_rows(db, "m3") == []
 
@@ -264,7 +264,7 @@ async def test_concurrency_defers_and_releases(db: TestDatabase, fake_llm: FakeL
     async with running_full_service(db, llm_settings(db, fake_llm), metrics=metrics) as svc:
         await awrite(db, mission("m1"), mission("m2"), mission("m3"))
         await eventually(lambda: len(iteration_rows(db)) == 3, within=30, what="3 iterations")
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
     assert sample(metrics, "mana_ai_agent_decisions_total", decision="ran") == 3
     assert sample(metrics, "mana_ai_agent_decisions_total", decision="skipped-concurrency") == 2
     # Never more than one plan in flight for the agent: the requests did not overlap.
@@ -294,7 +294,7 @@ async def test_budget_counts_tokens_of_the_last_24_hours(
     async with running_full_service(db, llm_settings(db, fake_llm), metrics=metrics) as svc:
         await awrite(db, mission("m1"))
         await eventually(lambda: len(iteration_rows(db)) == 1, what="the first plan")
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         await awrite(db, mission("m2"))
         await eventually(
             lambda: (
@@ -313,7 +313,7 @@ async def test_moving_next_run_at_makes_a_new_occurrence(
     async with running_full_service(db, llm_settings(db, fake_llm)) as svc:
         await awrite(db, mission("m1"))
         await eventually(lambda: len(iteration_rows(db)) == 1, what="the first occurrence")
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         later = "2026-04-16T00:00:00.000Z"
         await awrite(
             db,
@@ -327,7 +327,7 @@ async def test_moving_next_run_at_makes_a_new_occurrence(
             ),
         )
         await eventually(lambda: len(iteration_rows(db)) == 2, what="the second occurrence")
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         # The same value again (a re-sent update, or another field changing) is not new.
         await awrite(
             db,
@@ -343,8 +343,8 @@ async def test_moving_next_run_at_makes_a_new_occurrence(
                 },
             ),
         )
-        await svc.ingestor.sync_point()
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
+        await svc.supervisor.sync_point()
     rows = iteration_rows(db)
     assert len(rows) == 2
     # The second write-back carries the first iteration too (values are replaced whole).
@@ -413,7 +413,7 @@ async def test_no_query_on_sync_changes_finds_due_missions(
     write(db, agent("a1", maxConcurrentMissions=10))
     soon = [mission(f"m{i}", next_run_at=f"2026-04-15T00:00:0{i}.000Z") for i in range(5)]
     async with running_full_service(db, llm_settings(db, fake_llm)) as svc:
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         wait_until(lambda: _scans(db)[2] == 1, what="stats of the start-up")
         seq0, idx0, ins0 = _scans(db)
         await awrite(db, *soon)
@@ -422,7 +422,7 @@ async def test_no_query_on_sync_changes_finds_due_missions(
             lambda: sum(s == "written" for s, _a in ledger_rows(db).values()) == 5,
             what="five iterations",
         )
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         # Statistics arrive when each backend flushes them: wait until our 5 + 5 inserts show.
         await eventually(lambda: _scans(db)[2] == ins0 + 10, within=30, what="insert stats")
         seq1, idx1, _ = _scans(db)

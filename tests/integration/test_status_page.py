@@ -68,7 +68,7 @@ async def test_status_page_in_headless_chromium(db: TestDatabase) -> None:
     async with running_full_service(db) as svc:
         await awrite(db, mission("m-due"), mission("m-later", next_run_at="2099-01-01T00:00:00Z"))
         await eventually(lambda: len(iteration_rows(db)) == 1, what="the dispatch")
-        await svc.ingestor.sync_point()
+        await svc.supervisor.sync_point()
         for _ in range(3):
             await svc.app.monitor.sample()
             await asyncio.sleep(0.05)

@@ -23,7 +23,7 @@ NOW_US = 1_776_254_400_000_000  # 2026-04-15T12:00:00Z
 def _request(
     title: str = "", concept: str = "", objective: str = "", tools: tuple[OfferedTool, ...] = ALL
 ) -> PlanRequest:
-    return PlanRequest((), tools, MissionBrief(title, concept, objective), mission_id="m")
+    return PlanRequest((), tools, MissionBrief(title, concept, objective))
 
 
 async def test_meeting_mission_plans_event_and_task() -> None:

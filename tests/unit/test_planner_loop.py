@@ -23,7 +23,6 @@ from planner.loop import (
     CallRecord,
     LlmPlanner,
     PlanConversation,
-    PlannedStep,
     Planner,
     PlanRequest,
 )
@@ -38,7 +37,7 @@ MISSION: JsonValue = {"id": "m1", "title": "Plan the week", "objective": "Get or
 def _request(policy: object = None) -> PlanRequest:
     prompt = build_prompt(mission=MISSION, agent=None)
     tools = offered_tools(CATALOG, policy)  # type: ignore[arg-type]
-    return PlanRequest(prompt.messages, tools, prompt.brief, mission_id="m1", agent_id="a1")
+    return PlanRequest(prompt.messages, tools, prompt.brief)
 
 
 def _planner(session: aiohttp.ClientSession, url: str, *, timeout: float = 5.0) -> LlmPlanner:
@@ -62,16 +61,12 @@ async def test_tool_calls_over_several_rounds_become_steps(
     )
     planner: Planner = _planner(llm_http_session, fake_llm.url)
     result = await planner.plan(_request({"defaultsByModule": {"calendar": "auto"}}))
-    assert result.steps == (
-        PlannedStep("create_task", "todo", {"title": "Buy milk"}, "propose"),
-        PlannedStep(
-            "create_event",
-            "calendar",
-            {"title": "Sync", "startsAt": "2026-04-16T09:00:00Z"},
-            "auto",
-        ),
-        PlannedStep("create_note", "notes", {"title": "Week", "content": "..."}, "propose"),
-    )
+    assert [(s.tool_name, s.module, s.params, s.policy) for s in result.steps] == [
+        ("create_task", "todo", {"title": "Buy milk"}, "propose"),
+        ("create_event", "calendar", {"title": "Sync", "startsAt": "2026-04-16T09:00:00Z"}, "auto"),
+        ("create_note", "notes", {"title": "Week", "content": "..."}, "propose"),
+    ]
+    assert result.steps[0].summary.endswith("(title: Buy milk)")
     assert result.summary == "Three steps: a task, an event and a note."
     assert result.rounds == 3 and not result.capped
     assert result.usage == Usage(30, 15, 45)

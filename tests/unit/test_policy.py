@@ -11,7 +11,6 @@ from planner.catalog import Catalog, Decision, ToolSpec, load_catalog, parse_cat
 from planner.policy import (
     EMPTY_POLICY,
     AgentPolicy,
-    denied_tools,
     offered_tools,
     parse_policy,
 )
@@ -118,14 +117,15 @@ def test_offered_only_propose_minus_denied_with_labels() -> None:
 
 def test_deny_everything() -> None:
     assert offered_tools(CATALOG, {"defaultForAi": "deny"}) == ()
-    assert set(denied_tools(CATALOG, {"defaultForAi": "deny"})) == {t.name for t in CATALOG}
+    policy = parse_policy({"defaultForAi": "deny"})
+    assert {t.name for t in CATALOG if policy.resolve(t) == "deny"} == {t.name for t in CATALOG}
 
 
 def test_shipped_catalog_offers_only_propose_tools() -> None:
     offered = offered_tools(CATALOG, None)
     assert [t.name for t in offered] == [t.name for t in CATALOG if t.default_policy == "propose"]
     assert all(t.policy == "propose" for t in offered)
-    assert "delete_task" in denied_tools(CATALOG, None)
+    assert "delete_task" not in {t.name for t in offered}
 
 
 _decision = st.sampled_from(["auto", "propose", "deny", "Deny", "", "yes"]) | st.integers()

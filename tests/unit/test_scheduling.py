@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -11,8 +12,8 @@ from hypothesis import strategies as st
 from core.clock import ManualClock
 from core.instants import parse_stamp
 from planner.budget import WINDOW_US, TokenBudget
-from planner.due import Occurrence, is_due, occurrence_of
-from planner.gates import LEGACY_AGENT_ID, Decision, decide
+from planner.due import Occurrence, occurrence_of
+from planner.gates import LEGACY_AGENT_ID, GateDecision, decide
 from planner.scheduler import DueIndex, Scheduler
 
 NOW = parse_stamp("2026-04-15T12:00:00Z")
@@ -21,9 +22,9 @@ assert NOW is not None
 
 def test_due_rule_cases_from_the_predecessor() -> None:
     due = occurrence_of(("u", "m"), {"state": "active", "nextRunAt": "2026-04-15T00:00:00Z"})
-    assert due is not None and is_due(due, NOW)
+    assert due is not None and due.at_us <= NOW
     later = occurrence_of(("u", "m"), {"state": "active", "nextRunAt": "2099-01-01T00:00:00Z"})
-    assert later is not None and not is_due(later, NOW)
+    assert later is not None and later.at_us > NOW
     assert (
         occurrence_of(("u", "m"), {"state": "paused", "nextRunAt": "2026-04-15T00:00:00Z"}) is None
     )
@@ -61,21 +62,21 @@ def test_gates_in_order() -> None:
     missing = decide(MISSION, None, in_flight=99, tokens_last_24h=10**9)
     assert missing.runs and not missing.gated and missing.agent_name == "Mana"
     archived = decide(MISSION, {**AGENT, "state": "archived"}, in_flight=99, tokens_last_24h=10**9)
-    assert archived.decision is Decision.SKIPPED_ARCHIVED
+    assert archived.decision is GateDecision.SKIPPED_ARCHIVED
     paused = decide(MISSION, {**AGENT, "state": "paused"}, in_flight=99, tokens_last_24h=10**9)
-    assert paused.decision is Decision.SKIPPED_PAUSED
+    assert paused.decision is GateDecision.SKIPPED_PAUSED
     busy = decide(MISSION, AGENT, in_flight=2, tokens_last_24h=10**9)
-    assert busy.decision is Decision.SKIPPED_CONCURRENCY
+    assert busy.decision is GateDecision.SKIPPED_CONCURRENCY
     broke = decide(MISSION, AGENT, in_flight=1, tokens_last_24h=1000)
-    assert broke.decision is Decision.SKIPPED_BUDGET
+    assert broke.decision is GateDecision.SKIPPED_BUDGET
     ok = decide(MISSION, AGENT, in_flight=1, tokens_last_24h=999)
-    assert ok.decision is Decision.RAN and ok.gated and ok.agent_name == "Ada"
+    assert ok.decision is GateDecision.RAN and ok.gated and ok.agent_name == "Ada"
 
 
 def test_budget_cap_zero_blocks_everything_and_negative_or_missing_does_not() -> None:
     assert (
         decide(MISSION, {**AGENT, "maxTokensPerDay": 0}, in_flight=0, tokens_last_24h=0).decision
-        is Decision.SKIPPED_BUDGET
+        is GateDecision.SKIPPED_BUDGET
     )
     for cap in (None, -1, "100", True):
         agent = {**AGENT, "maxTokensPerDay": cap}
@@ -85,13 +86,13 @@ def test_budget_cap_zero_blocks_everything_and_negative_or_missing_does_not() ->
 def test_concurrency_default_is_one() -> None:
     agent = {k: v for k, v in AGENT.items() if k != "maxConcurrentMissions"}
     assert decide(MISSION, agent, in_flight=1, tokens_last_24h=0).decision is (
-        Decision.SKIPPED_CONCURRENCY
+        GateDecision.SKIPPED_CONCURRENCY
     )
     assert (
         decide(
             MISSION, {**agent, "maxConcurrentMissions": 0}, in_flight=1, tokens_last_24h=0
         ).decision
-        is Decision.SKIPPED_CONCURRENCY
+        is GateDecision.SKIPPED_CONCURRENCY
     )
 
 
@@ -160,23 +161,38 @@ def test_due_index_pops_exactly_the_latest_due_entries(
     assert len(index) == sum(1 for at in latest.values() if at > now)
 
 
-async def test_scheduler_wakes_for_sooner_entries_without_waiting_on_real_time() -> None:
+async def _settle(until: Callable[[], bool]) -> None:
+    """Let the scheduler task run until `until()` holds (event-loop turns, no real time)."""
+    for _ in range(1000):
+        if until():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the scheduler did not get there")
+
+
+async def test_scheduler_wakes_for_a_sooner_entry_inserted_while_it_sleeps() -> None:
     clock = ManualClock(now_us=NOW)
     handed: list[str] = []
     scheduler = Scheduler(clock=clock, on_due=lambda due: handed.extend(o.mission_id for o in due))
     stop = asyncio.Event()
     task = asyncio.create_task(scheduler.run(stop))
-    scheduler.set(occ("later", NOW + 3_600_000_000))
-    scheduler.set(occ("now", NOW))
-    await asyncio.sleep(0.01)
+    scheduler.set(occ("due", NOW))
+    await _settle(lambda: clock.sleepers == 0)
     assert handed == []  # not enabled yet (the stream has not caught up)
     scheduler.enable()
-    await asyncio.sleep(0.01)
-    assert handed == ["now"]
-    clock.advance(3600)
-    scheduler.poke()
-    await asyncio.sleep(0.01)
-    assert handed == ["now", "later"]
+    await _settle(lambda: handed == ["due"])
+    scheduler.set(occ("later", NOW + 3_600_000_000))
+    await _settle(lambda: clock.sleepers == 1)  # asleep on the clock, for an hour
+
+    scheduler.set(occ("sooner", NOW + 10_000_000))  # while it sleeps
+    await _settle(lambda: clock.sleepers == 1 and scheduler.index.next_at() == NOW + 10_000_000)
+    clock.advance(9.9)
+    await _settle(lambda: clock.sleepers == 1)
+    assert handed == ["due"]  # not a moment early
+    clock.advance(0.1)
+    await _settle(lambda: handed == ["due", "sooner"] and clock.sleepers == 1)
+    clock.advance(3590)
+    await _settle(lambda: handed == ["due", "sooner", "later"])
     stop.set()
     await asyncio.wait_for(task, 1)
 

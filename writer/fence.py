@@ -1,0 +1,63 @@
+"""The fencing token: proof, inside a transaction, that this instance still leads.
+
+The leader lock (an advisory lock on one connection, `stream.leader`) says who may stream a
+slot; but streaming, group commits and write-backs run on other connections, and they go on
+for a moment after the lock's session ended (an idle connection killed by a NAT or proxy
+timeout, say) while another instance takes over. The token closes that gap: the checkpoint
+row of the slot carries an `epoch` that each new leader increments (`take_leadership`) right
+after it took the lock and before it reads any state; every transaction that persists or
+writes back on behalf of the slot checks its epoch first (`Fence.check`), in the same
+transaction, taking a lock on that row.
+
+Invariant (why the check is exact, not a race): the check locks the checkpoint row (FOR
+SHARE, or the checkpoint UPDATE itself), and `take_leadership` updates it. So either the
+check runs first and the new leader's increment waits until that transaction has committed
+(and then reads what it wrote), or the increment committed first and the check, re-reading
+the row, sees the newer epoch and the transaction is refused (`FencedError`) with nothing
+written. A deposed instance can therefore never write after a newer leader read its state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import AsyncConnection
+
+from writer.errors import FencedError
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """This instance's term as leader of `slot`."""
+
+    slot: str
+    epoch: int
+
+    async def check(self, conn: AsyncConnection[tuple[object, ...]]) -> None:
+        """Raise FencedError unless the slot's epoch is still ours. Call inside the
+        transaction it guards, before its writes; the row stays locked until it ends."""
+        cur = await conn.execute(
+            "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s FOR SHARE",
+            (self.slot,),
+        )
+        row = await cur.fetchone()
+        current = None if row is None else int(str(row[0]))
+        if current != self.epoch:
+            raise FencedError(self.slot, self.epoch, current)
+
+
+async def take_leadership(conn: AsyncConnection[tuple[object, ...]], slot: str) -> Fence:
+    """Start a new term: increment the slot's epoch (creating its row, without a checkpoint
+    position, the first time). Call with the leader lock held, before reading any state;
+    it waits for a deposed instance's guarded transaction in flight to end."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "INSERT INTO mana_ai.stream_checkpoint AS c (slot_name, lsn, epoch, updated_at)"
+            " VALUES (%s, NULL, 1, now())"
+            " ON CONFLICT (slot_name) DO UPDATE SET epoch = c.epoch + 1, updated_at = now()"
+            " RETURNING epoch",
+            (slot,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return Fence(slot, int(str(row[0])))
