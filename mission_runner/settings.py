@@ -8,6 +8,7 @@ their own option objects, which `Settings` builds (`supervisor_options`, ...).
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,9 @@ class Settings:
     otel_enabled: bool = False
     otel_protocol: str = "http/protobuf"
     otel_service_name: str = "mission-runner"
+    instance: str = ""
+    """This instance's name (`HOSTNAME`: the pod's name under Kubernetes), shown to operators
+    in `pg_stat_activity.application_name`."""
     # Crash testing only (see core/failpoints.py).
     failpoints: str | None = None
 
@@ -168,6 +172,7 @@ class Settings:
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             failpoints=env.get("MISSION_RUNNER_FAILPOINTS") or None,
+            instance=(env.get("HOSTNAME") or socket.gethostname()).strip(),
             planner_url=_url(env, "PLANNER_URL"),
             planner_api_key=env.get("PLANNER_API_KEY") or None,
             planner_model=(env.get("PLANNER_MODEL") or "mana/reasoning").strip(),
@@ -211,6 +216,7 @@ class Settings:
             streaming=self.streaming,
             compiled=not self.pure_python,
             reconnect=self.reconnect_backoff(),
+            instance=self.instance,
         )
 
     def group_commit_options(self) -> GroupCommitOptions:

@@ -56,6 +56,7 @@ class LeaderLock:
         conninfo: str,
         slot: str,
         backoff: Backoff,
+        instance: str = "",
         check_interval: float = 2.0,
         check_timeout: float = 5.0,
     ) -> None:
@@ -64,6 +65,8 @@ class LeaderLock:
         self.backoff = backoff
         self.check_interval = check_interval
         self.check_timeout = check_timeout
+        # Who holds (or waits for) the lock, for operators: pg_stat_activity.application_name.
+        self.application_name = f"mission-runner leader {instance}".strip()[:63]
         self._conn: Conn | None = None
         self.waiting_on: str | None = None
         """Who holds the lock while this instance waits for it (for the status page)."""
@@ -76,7 +79,7 @@ class LeaderLock:
         return await psycopg.AsyncConnection.connect(
             self.conninfo,
             autocommit=True,
-            application_name="mission-runner leader",
+            application_name=self.application_name,
             connect_timeout=10,
             **KEEPALIVES,  # type: ignore[arg-type]
         )

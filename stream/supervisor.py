@@ -91,6 +91,8 @@ class SupervisorOptions:
     reconnect: Backoff = field(default_factory=lambda: Backoff(0.5, 30.0))
     lock_check_interval: float = 2.0
     lock_check_timeout: float = 5.0
+    instance: str = ""
+    """This instance's name in `application_name` (the pod's host name)."""
 
 
 class Supervisor:
@@ -120,6 +122,7 @@ class Supervisor:
             backoff=options.reconnect,
             check_interval=options.lock_check_interval,
             check_timeout=options.lock_check_timeout,
+            instance=options.instance,
         )
         self.lag = LagTracker()
         self.phase = Phase.BOOTING
@@ -282,7 +285,11 @@ class Supervisor:
 
     async def _session(self, term: Term, stop: asyncio.Event, catch_up: bool) -> None:
         self._stream_started = False
-        repl = await ReplicationConnection.connect(self.conninfo, clock=self.clock)
+        repl = await ReplicationConnection.connect(
+            self.conninfo,
+            clock=self.clock,
+            application_name=f"mission-runner {self.options.instance}".strip()[:63],
+        )
         try:
             async with self.pool.connection() as conn:
                 await slots.ensure_publication(conn, self.options.publication)

@@ -12,17 +12,9 @@ import pytest
 from psycopg import conninfo
 
 from core.lsn import Lsn
+from tests.fix_data import mission_insert, persisted, recompute, slot_row, write
 from tests.fix_pg import TestDatabase
-from tests.integration.conftest import (
-    ROOT,
-    ServiceProcess,
-    mission_insert,
-    persisted,
-    recompute,
-    service_env,
-    slot_row,
-    write,
-)
+from tests.fix_service import ROOT, ServiceProcess, service_env
 
 pytestmark = pytest.mark.integration
 

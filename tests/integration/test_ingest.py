@@ -9,24 +9,22 @@ import pytest
 
 from core.sync_changes import COLUMNS
 from mission_runner.metrics import Metrics
-from tests.fix_pg import TestDatabase
-from tests.integration.conftest import (
+from tests.fix_data import (
     Change,
     ai_row_count,
     awrite,
     bulk_missions,
     checkpoint,
-    eventually,
     in_memory,
     mission_insert,
     persisted,
     recompute,
-    running_service,
-    settings_for,
     slot_row,
     stamp,
     write,
 )
+from tests.fix_pg import TestDatabase
+from tests.fix_service import eventually, running_service, settings_for
 
 pytestmark = pytest.mark.integration
 

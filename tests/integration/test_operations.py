@@ -14,22 +14,27 @@ import psycopg
 import pytest
 
 from mission_runner.metrics import Metrics
-from tests.fix_llm import FakeLLM, Reply, Slow
-from tests.fix_pg import TestDatabase
-from tests.integration.conftest import (
-    ServiceProcess,
+from tests.fix_data import (
+    agent,
     awrite,
-    eventually,
+    iteration_rows,
+    ledger_rows,
+    mission,
     mission_insert,
     persisted,
     recompute,
-    running_full_service,
-    settings_for,
     slot_row,
-    wait_until,
     write,
 )
-from tests.integration.test_runtime import agent, iteration_rows, ledger_rows, mission
+from tests.fix_llm import FakeLLM, Reply, Slow
+from tests.fix_pg import TestDatabase
+from tests.fix_service import (
+    ServiceProcess,
+    eventually,
+    running_full_service,
+    settings_for,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +165,7 @@ def test_json_logs_carry_context_and_no_secrets(
     ).start()
     service_processes.append(svc)
     svc.wait_streaming()
-    from tests.integration.conftest import Change
+    from tests.fix_data import Change
 
     write(db, Change("u", "aiMissions", "bad", "upsert", {"a": 1}, {}))
     wait_until(lambda: "dead letter at" in svc.output(), what="the dead-letter log line")

@@ -13,10 +13,7 @@ import pytest
 
 from core.lsn import Lsn
 from mission_runner.metrics import Metrics
-from tests.fix_pg import PgServer, TestDatabase
-from tests.integration.conftest import (
-    ROOT,
-    ServiceProcess,
+from tests.fix_data import (
     ai_row_count,
     awrite,
     bulk_missions,
@@ -24,12 +21,17 @@ from tests.integration.conftest import (
     mission_insert,
     persisted,
     recompute,
+    slot_row,
+    write,
+)
+from tests.fix_pg import PgServer, TestDatabase
+from tests.fix_service import (
+    ROOT,
+    ServiceProcess,
     running_service,
     service_env,
     settings_for,
-    slot_row,
     wait_until,
-    write,
 )
 
 pytestmark = pytest.mark.integration

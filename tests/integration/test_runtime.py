@@ -9,97 +9,34 @@ import psycopg
 import pytest
 
 from core.instants import parse_stamp
+from core.sync_changes import CLIENT_ID
 from mission_runner.metrics import Metrics
 from mission_runner.settings import Settings
 from planner.gates import LEGACY_AGENT_ID
+from tests.fix_data import (
+    PAST_US,
+    Change,
+    agent,
+    agent_update,
+    awrite,
+    iteration_rows,
+    ledger_rows,
+    mission,
+    stamp,
+    write,
+)
 from tests.fix_llm import Call, FakeLLM, ProviderFail, Reply, ServerError, Slow
 from tests.fix_pg import TestDatabase
-from tests.integration.conftest import (
-    Change,
+from tests.fix_service import (
     ServiceProcess,
-    awrite,
     eventually,
     running_full_service,
     settings_for,
-    stamp,
     wait_until,
-    write,
 )
-from writer.iterations import CLIENT_ID, iteration_id_for
+from writer.iterations import iteration_id_for
 
 pytestmark = pytest.mark.integration
-
-PAST = "2026-04-15T00:00:00.000Z"
-PAST_US = parse_stamp(PAST)
-assert PAST_US is not None
-
-
-def agent(agent_id: str, user: str = "u1", **fields: Any) -> Change:
-    data = {
-        "id": agent_id,
-        "name": f"Agent {agent_id}",
-        "role": "Plans carefully.",
-        "state": "active",
-        "maxConcurrentMissions": 1,
-        "policy": {"tools": {}, "defaultsByModule": {}},
-        **fields,
-    }
-    return Change(user, "agents", agent_id, "insert", data, {})
-
-
-def agent_update(agent_id: str, user: str = "u1", **fields: Any) -> Change:
-    meta = {k: stamp("2099-01-01T00:00:00.000Z") for k in fields}
-    return Change(user, "agents", agent_id, "update", fields, meta)
-
-
-def mission(
-    mission_id: str,
-    *,
-    agent_id: str | None = "a1",
-    user: str = "u1",
-    next_run_at: str = PAST,
-    **fields: Any,
-) -> Change:
-    data: dict[str, Any] = {
-        "id": mission_id,
-        "title": f"Mission {mission_id}",
-        "conceptMarkdown": "Plan my day",
-        "objective": "Get the garden ready",
-        "inputs": [],
-        "cadence": {"kind": "manual"},
-        "state": "active",
-        "nextRunAt": next_run_at,
-        "iterations": [],
-        **fields,
-    }
-    if agent_id is not None:
-        data["agentId"] = agent_id
-    return Change(user, "aiMissions", mission_id, "insert", data, {})
-
-
-def iteration_rows(db: TestDatabase, mission_id: str | None = None) -> list[dict[str, Any]]:
-    query = (
-        "SELECT record_id, user_id, op, data, field_meta, client_id, origin, actor,"
-        " schema_version, app_id, table_name FROM sync_changes WHERE client_id = %s"
-    )
-    params: tuple[str, ...] = (CLIENT_ID,)
-    if mission_id is not None:
-        query += " AND record_id = %s"
-        params = (CLIENT_ID, mission_id)
-    with psycopg.connect(db.dsn) as conn:
-        cur = conn.execute(query + " ORDER BY created_at", params)
-        names = [d.name for d in cur.description or []]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-
-def ledger_rows(db: TestDatabase) -> dict[str, tuple[str, int]]:
-    with psycopg.connect(db.dsn) as conn:
-        return {
-            str(m): (str(s), int(a))
-            for m, s, a in conn.execute(
-                "SELECT mission_id, status, attempts FROM mana_ai.dispatch_ledger"
-            )
-        }
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

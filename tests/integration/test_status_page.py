@@ -11,9 +11,9 @@ from importlib import resources
 
 import pytest
 
+from tests.fix_data import agent, awrite, iteration_rows, mission
 from tests.fix_pg import TestDatabase
-from tests.integration.conftest import awrite, eventually, running_full_service
-from tests.integration.test_runtime import agent, iteration_rows, mission
+from tests.fix_service import eventually, running_full_service
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def test_the_page_needs_nothing_from_the_network() -> None:
     reason="Debian's chromium is not installed (make test installs it when run as root)",
 )
 async def test_status_page_in_headless_chromium(db: TestDatabase) -> None:
-    from tests.integration.conftest import write
+    from tests.fix_data import write
 
     write(db, agent("a1"))
     async with running_full_service(db) as svc:

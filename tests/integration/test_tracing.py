@@ -15,10 +15,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from tests.fix_data import agent, awrite, mission, write
 from tests.fix_llm import Call, FakeLLM, Reply
 from tests.fix_pg import TestDatabase
-from tests.integration.conftest import ServiceProcess, awrite, eventually, write
-from tests.integration.test_runtime import agent, mission
+from tests.fix_service import ServiceProcess, eventually
 
 pytestmark = pytest.mark.integration
 

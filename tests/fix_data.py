@@ -1,79 +1,22 @@
-"""Helpers for tests against a real server: the dev schema, writers, the service in-process
-and as a separate process, and a full recomputation of the snapshots from `sync_changes`."""
+"""Test helpers for data in a real database: writing `sync_changes` rows the way the sync
+service does, reading back what the service wrote, and a full recomputation of the
+snapshots from the table to compare with."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import psycopg
-import pytest
 
+from core.instants import parse_stamp
 from core.lsn import Lsn
-from core.sync_changes import COLUMNS
-from mission_runner.app import App, open_app
-from mission_runner.cli import prepare_database
-from mission_runner.devschema import DDL
-from mission_runner.metrics import Metrics
-from mission_runner.settings import Settings
-from planner.runtime import MissionRuntime
-from projections.ingest import Ingest
+from core.sync_changes import CLIENT_ID, COLUMNS
 from projections.merge import to_record
 from projections.projector import Outcome, Projector
 from projections.stores import SnapshotStore
-from stream.supervisor import Supervisor
 from tests.fix_pg import TestDatabase
-
-pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def db(pg_db: TestDatabase) -> TestDatabase:
-    """A fresh database with the development `sync_changes` schema."""
-    with pg_db.connect() as conn:
-        conn.execute(DDL.encode())
-    return pg_db
-
-
-def settings_for(db: TestDatabase, **overrides: Any) -> Settings:
-    base = Settings(
-        database_url=db.dsn,
-        slot=db.slot,
-        status_interval=1.0,
-        heartbeat_interval=0,
-        batch_max_delay=0.02,
-        reconnect_min_backoff=0.05,
-        reconnect_max_backoff=0.5,
-    )
-    return replace(base, **overrides)
-
-
-def service_env(db: TestDatabase, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MISSION_RUNNER_")}
-    env.update(
-        DATABASE_URL=db.dsn,
-        MISSION_RUNNER_SLOT=db.slot,
-        MISSION_RUNNER_STATUS_INTERVAL="1s",
-        MISSION_RUNNER_BATCH_MAX_DELAY="20ms",
-        MISSION_RUNNER_RECONNECT_MIN_BACKOFF="50ms",
-        MISSION_RUNNER_RECONNECT_MAX_BACKOFF="500ms",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
-
 
 # -- writing sync_changes ---------------------------------------------------------------
 
@@ -205,7 +148,7 @@ def persisted(db: TestDatabase) -> Snapshot:
     return out
 
 
-def in_memory(app: App) -> Snapshot:
+def in_memory(app: Any) -> Snapshot:
     ing = app.ingest
     return {
         "mission": {(s.user_id, s.record_id): (to_record(s), s.deleted) for s in ing.missions},
@@ -246,153 +189,79 @@ def slot_row(db: TestDatabase) -> dict[str, Any] | None:
         return dict(zip(names, row, strict=True))
 
 
-async def eventually(
-    predicate: Callable[[], bool], within: float = 20.0, what: str = "condition"
-) -> None:
-    timeout = within
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
+
+# -- missions and agents as the web app writes them ---------------------------------------
+
+PAST = "2026-04-15T00:00:00.000Z"
+PAST_US = parse_stamp(PAST)
+assert PAST_US is not None
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+def agent(agent_id: str, user: str = "u1", **fields: Any) -> Change:
+    data = {
+        "id": agent_id,
+        "name": f"Agent {agent_id}",
+        "role": "Plans carefully.",
+        "state": "active",
+        "maxConcurrentMissions": 1,
+        "policy": {"tools": {}, "defaultsByModule": {}},
+        **fields,
+    }
+    return Change(user, "agents", agent_id, "insert", data, {})
 
 
-# -- the service in this process --------------------------------------------------------
+def agent_update(agent_id: str, user: str = "u1", **fields: Any) -> Change:
+    meta = {k: stamp("2099-01-01T00:00:00.000Z") for k in fields}
+    return Change(user, "agents", agent_id, "update", fields, meta)
 
 
-@dataclass
-class Running:
-    app: App
-    stop: asyncio.Event
-    task: asyncio.Task[None]
-
-    @property
-    def ingest(self) -> Ingest:
-        return self.app.ingest
-
-    @property
-    def supervisor(self) -> Supervisor:
-        return self.app.supervisor
-
-    @property
-    def runtime(self) -> MissionRuntime:
-        return self.app.runtime
-
-
-@asynccontextmanager
-async def running_service(
-    db: TestDatabase,
-    settings: Settings | None = None,
+def mission(
+    mission_id: str,
     *,
-    metrics: Metrics | None = None,
-) -> AsyncIterator[Running]:
-    settings = settings or settings_for(db)
-    async with open_app(settings, dsn=db.dsn, metrics=metrics or Metrics()) as app:
-        await prepare_database(app)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.supervisor.run(stop))
-        try:
-            async with asyncio.timeout(30):
-                while not app.supervisor.streaming.is_set():
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.01)
-            yield Running(app, stop, task)
-        finally:
-            stop.set()
-            async with asyncio.timeout(30):
-                await task
+    agent_id: str | None = "a1",
+    user: str = "u1",
+    next_run_at: str = PAST,
+    **fields: Any,
+) -> Change:
+    data: dict[str, Any] = {
+        "id": mission_id,
+        "title": f"Mission {mission_id}",
+        "conceptMarkdown": "Plan my day",
+        "objective": "Get the garden ready",
+        "inputs": [],
+        "cadence": {"kind": "manual"},
+        "state": "active",
+        "nextRunAt": next_run_at,
+        "iterations": [],
+        **fields,
+    }
+    if agent_id is not None:
+        data["agentId"] = agent_id
+    return Change(user, "aiMissions", mission_id, "insert", data, {})
 
 
-@asynccontextmanager
-async def running_full_service(
-    db: TestDatabase,
-    settings: Settings | None = None,
-    *,
-    metrics: Metrics | None = None,
-) -> AsyncIterator[Running]:
-    """Ingest, mission runtime, lag monitor and HTTP (on a free port), in this process."""
-    from mission_runner.cli import serve
-
-    settings = replace(settings or settings_for(db), http_port=0)
-    async with open_app(settings, dsn=db.dsn, metrics=metrics or Metrics()) as app:
-        stop = asyncio.Event()
-        task = asyncio.create_task(serve(app, stop))
-        try:
-            async with asyncio.timeout(30):
-                while not app.runtime.accepting:
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.01)
-            yield Running(app, stop, task)
-        finally:
-            stop.set()
-            async with asyncio.timeout(30):
-                await task
+def iteration_rows(db: TestDatabase, mission_id: str | None = None) -> list[dict[str, Any]]:
+    query = (
+        "SELECT record_id, user_id, op, data, field_meta, client_id, origin, actor,"
+        " schema_version, app_id, table_name FROM sync_changes WHERE client_id = %s"
+    )
+    params: tuple[str, ...] = (CLIENT_ID,)
+    if mission_id is not None:
+        query += " AND record_id = %s"
+        params = (CLIENT_ID, mission_id)
+    with psycopg.connect(db.dsn) as conn:
+        cur = conn.execute(query + " ORDER BY created_at", params)
+        names = [d.name for d in cur.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-# -- the service as a separate process --------------------------------------------------
+def ledger_rows(db: TestDatabase) -> dict[str, tuple[str, int]]:
+    with psycopg.connect(db.dsn) as conn:
+        return {
+            str(m): (str(s), int(a))
+            for m, s, a in conn.execute(
+                "SELECT mission_id, status, attempts FROM mana_ai.dispatch_ledger"
+            )
+        }
 
 
-class ServiceProcess:
-    def __init__(self, db: TestDatabase, *args: str, **env: str) -> None:
-        self.db = db
-        self.args = args or ("run",)
-        self.env = service_env(db, **env)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = Path(f"/tmp/{db.name}-{uuid.uuid4().hex[:6]}.log")
-
-    def start(self) -> ServiceProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mission_runner.cli", *self.args],
-            env=self.env,
-            cwd=ROOT,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def wait_streaming(self, timeout: float = 30.0) -> None:
-        wait_until(
-            lambda: bool((s := slot_row(self.db)) and s["active"]), timeout, "the service to stream"
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(30)
-        wait_until(
-            lambda: not ((s := slot_row(self.db)) and s["active"]), 30, "the slot to be released"
-        )
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        self.proc.terminate()
-        return self.proc.wait(timeout)
-
-    def wait(self, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-
-@pytest.fixture
-def service_processes() -> Iterator[list[ServiceProcess]]:
-    procs: list[ServiceProcess] = []
-    yield procs
-    for p in procs:
-        if p.proc is not None and p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait(10)
