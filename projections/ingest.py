@@ -15,8 +15,11 @@ Invariants:
   again (the merge is idempotent), and the record is dirty again for the next batch.
 - A position returned by `persist` or `idle_position` loses nothing when confirmed: every
   snapshot change before it is persisted (see `idle_position` for the idle case).
-- After a persist that failed in an unknown state (the term ended, or the process stops),
-  the stores are no longer known to match the database: the next term boots from it again.
+- What a group commit took stays held until a group commit commits it: an attempt that
+  fails, gives up or is cancelled leaves it for the next one, so a later batch never
+  carries a checkpoint past changes that were not written.
+- After a persist refused by the fence, the stores are no longer known to match the
+  database: the next term boots from it again.
 """
 
 from __future__ import annotations
@@ -122,6 +125,11 @@ class Ingest:
         self.agents = SnapshotStore("agent")
         self.projector = Projector(missions=self.missions, agents=self.agents)
         self._dead_letters: list[DeadLetter] = []
+        # Taken for a group commit that has not committed (yet): kept until one does, so a
+        # failed, abandoned or cancelled attempt loses nothing for the next one.
+        self._unwritten_missions: dict[tuple[str, str], RecordState] = {}
+        self._unwritten_agents: dict[tuple[str, str], RecordState] = {}
+        self._unwritten_dead: list[DeadLetter] = []
         # Snapshot-changing transactions applied / persisted, counted (see is_idle).
         self._data_seq = 0
         self._persisted_seq = 0
@@ -331,12 +339,18 @@ class Ingest:
         to the event loop between them (see the module invariants)."""
         applied = self.projector.applied_lsn
         seq = self._data_seq
-        missions = self.missions.take_dirty()
-        agents = self.agents.take_dirty()
+        for state in self.missions.take_dirty():
+            self._unwritten_missions[(state.user_id, state.record_id)] = state
+        for state in self.agents.take_dirty():
+            self._unwritten_agents[(state.user_id, state.record_id)] = state
+        self._unwritten_dead.extend(self._dead_letters)
+        self._dead_letters = []
         self.group_commit.taken()
-        if applied <= self.persisted_lsn and not missions and not agents and not self._dead_letters:
+        missions = list(self._unwritten_missions.values())
+        agents = list(self._unwritten_agents.values())
+        dead = list(self._unwritten_dead)
+        if applied <= self.persisted_lsn and not missions and not agents and not dead:
             return None
-        dead, self._dead_letters = self._dead_letters, []
         checkpoint = Checkpoint(self.slot, applied, self.projector.applied_commit_time_us)
         batch = PersistBatch(
             missions=await _serialize(missions, self.options.serialize_chunk),
@@ -384,6 +398,10 @@ class Ingest:
                 raise
             finally:
                 span.end()
+            # Committed: what it carried is written (a state changed since is dirty again).
+            self._unwritten_missions.clear()
+            self._unwritten_agents.clear()
+            del self._unwritten_dead[: len(batch.dead_letters)]
             ended = self.clock.monotonic()
             self.group_commit.persisted(started, ended)
             self.failpoints.hit("after-persist")

@@ -52,7 +52,7 @@ class PgServer:
     def restart(self, mode: str = "fast") -> None:
         raise NotImplementedError
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
         raise NotImplementedError
 
     def start(self) -> None:
@@ -107,8 +107,8 @@ class EmbeddedServer(PgServer):
     def restart(self, mode: str = "fast") -> None:
         self._pg.restart(mode)
 
-    def stop(self) -> None:
-        self._pg.stop()
+    def stop(self, mode: str = "fast") -> None:
+        self._pg.stop(mode)
 
     def start(self) -> None:
         self._pg.start_again()
@@ -158,8 +158,8 @@ class LocalCluster(PgServer):
     def start(self) -> None:
         self._cmd("pg_ctl", "-D", str(self.pgdata), "-l", str(self._tmp / "log"), "-w", "start")
 
-    def stop(self) -> None:
-        self._cmd("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        self._cmd("pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "stop")
 
     def restart(self, mode: str = "fast") -> None:
         self._cmd(
