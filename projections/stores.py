@@ -130,23 +130,6 @@ class SnapshotStore:
         """`n` records the fast path created (see `fast_path_parts`), all of them live."""
         self._live += n
 
-    def merge_in(self, state: RecordState) -> bool:
-        """Join `state` into the store (taking ownership of it if the key is new); True and
-        dirty if the store's state changed."""
-        key = (state.user_id, state.record_id)
-        current = self._states.get(key)
-        if current is None:
-            self._states[key] = state
-            self._live += self._is_live(state)
-            self._dirty[key] = state
-            return True
-        was_live = self._is_live(current)
-        changed = merge_into(current, state)
-        if changed:
-            self._dirty[key] = current
-            self._live += self._is_live(current) - was_live
-        return changed
-
     def restore(self, states: Iterable[RecordState]) -> int:
         """Load persisted states (taking ownership); returns how many were read.
 
@@ -179,13 +162,6 @@ class SnapshotStore:
         dirty = list(self._dirty.values())
         self._dirty.clear()
         return dirty
-
-    def mark_dirty(self, states: Iterable[RecordState]) -> None:
-        """Put states back into the dirty set (a persist attempt failed)."""
-        for state in states:
-            key = (state.user_id, state.record_id)
-            if self._states.get(key) is state:
-                self._dirty[key] = state
 
     # --- reads ----------------------------------------------------------------------------
 
