@@ -117,11 +117,11 @@ class Workload:
             out = reader.feed(buf)
             if isinstance(out, CommittedTransaction):
                 transactions.append(out)
-        relation = next(t.inserts[0].relation for t in transactions if t.inserts)
+        relation = next(t.inserts[0][0] for t in transactions if t.inserts)
         idx = column_indexes(tuple(c.name for c in relation.columns))
         assert idx is not None
         pick = picker(idx)
-        values = [i.values for t in transactions for i in t.inserts]
+        values = [v for t in transactions for _, v in t.inserts]
         rows = [r for v in values if isinstance(r := decode_columns(pick(v)), ChangeRow)]
         last = transactions[-1]
         return cls(

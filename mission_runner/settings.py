@@ -97,7 +97,8 @@ class Settings:
     status_interval: float = 10.0
     heartbeat_interval: float = 30.0
     streaming: bool = True
-    # Read again where the compiled helpers load (stream/speedups.py); here it is checked.
+    # True: the frame reader and the projector are built without their compiled helpers
+    # (`StreamOptions.compiled` and `Projector(compiled=...)` False).
     pure_python: bool = False
     connect_retry: float = 30.0
     reconnect_min_backoff: float = 0.5

@@ -65,6 +65,9 @@ class StreamOptions:
     streaming: bool = True
     messages: bool = True
     status_interval: float = 10.0
+    # The compiled frame loop for plain Inserts, when built (see stream/reader.py); False:
+    # the Python paths alone (same results, lower throughput).
+    compiled: bool = True
 
     def start_command(self, start: Lsn) -> bytes:
         opts = [
@@ -320,7 +323,7 @@ class ReplicationConnection:
     ) -> None:
         pgconn = self._conn.pgconn
         get_copy_data = pgconn.get_copy_data
-        reader = FrameReader(options.proto_version)
+        reader = FrameReader(options.proto_version, compiled=options.compiled)
         pump = reader.pump
         feed = reader.feed
         stats = self.stats
