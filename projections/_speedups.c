@@ -49,6 +49,7 @@ typedef struct {
     PyObject *loads;         /* orjson.loads: bytes -> object */
     PyObject *created_at_us; /* decode._created_at_us: bytes -> int | None */
     PyObject *parse_stamp;   /* instants.parse_stamp_text: str -> int | None */
+    PyObject *meta_loads;    /* NULL: field_meta is scanned in place (see scan_meta) */
     long long unstamped;     /* merge.UNSTAMPED */
     Py_ssize_t max_stamp_len;
     PyTypeObject *state_type; /* merge.RecordState */
@@ -471,8 +472,8 @@ scan_meta(const char *buf, Py_ssize_t len, meta_index *mi)
 enum { STAMP_ABSENT, STAMP_TEXT, STAMP_NONE };
 
 static int
-stamp_of(PyObject *meta, const meta_index *mi, PyObject *name, const char **text,
-         Py_ssize_t *len)
+stamp_of(PyObject *meta, int attr_stamps, const meta_index *mi, PyObject *name,
+         const char **text, Py_ssize_t *len)
 {
     if (meta != NULL) {
         PyObject *raw = PyDict_GetItemWithError(meta, name);
@@ -485,6 +486,19 @@ stamp_of(PyObject *meta, const meta_index *mi, PyObject *name, const char **text
             if (t == NULL) {
                 return PyErr_Occurred() ? -1 : STAMP_NONE;
             }
+        }
+        else if (attr_stamps && !PyUnicode_Check(raw)) {
+            /* A stamp object of `meta_loads`, which holds its `at` (so the text outlives
+               the reference dropped here). */
+            t = PyObject_GetAttr(raw, s_at);
+            if (t == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                    return -1;
+                }
+                PyErr_Clear();
+                return STAMP_NONE;
+            }
+            Py_DECREF(t);
         }
         if (!PyUnicode_Check(t) || !PyUnicode_IS_ASCII(t)) {
             return STAMP_NONE;
@@ -556,7 +570,7 @@ parse_text(FoldObject *f, const char *text, Py_ssize_t len, long long *out)
    changed. */
 static long
 merge_fields(FoldObject *f, PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
-             const meta_index *mi, long long created, PyObject *event, int may_be_unstamped,
+             int attr_stamps, const meta_index *mi, long long created, PyObject *event, int may_be_unstamped,
              int *changed)
 {
     long invalid = 0;
@@ -575,7 +589,7 @@ merge_fields(FoldObject *f, PyObject *values, PyObject *keys, PyObject *data, Py
         }
         const char *text = NULL;
         Py_ssize_t text_len = 0;
-        int found = stamp_of(meta, mi, name, &text, &text_len);
+        int found = stamp_of(meta, attr_stamps, mi, name, &text, &text_len);
         if (found < 0) {
             goto fail;
         }
@@ -742,7 +756,26 @@ apply_columns(FoldObject *f, PyObject **col, PyObject *const *stores, PyObject *
     if (data == NULL) {
         goto done;
     }
-    if (!scan_meta(PyBytes_AS_STRING(col[COL_META]), PyBytes_GET_SIZE(col[COL_META]), &mi)) {
+    int attr_stamps = 0;
+    if (f->meta_loads != NULL) {
+        meta = PyObject_CallOneArg(f->meta_loads, col[COL_META]);
+        if (meta == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                goto done;
+            }
+            PyErr_Clear();  /* not of its shape: `loads` parses it */
+        }
+        else if (!PyDict_CheckExact(meta)) {
+            Py_CLEAR(meta);
+        }
+        else {
+            attr_stamps = 1;
+        }
+    }
+    if (meta == NULL
+        && (f->meta_loads != NULL
+            || !scan_meta(PyBytes_AS_STRING(col[COL_META]), PyBytes_GET_SIZE(col[COL_META]),
+                          &mi))) {
         meta = call_or_decline(f->loads, col[COL_META], &declined);
         if (meta == NULL) {
             goto done;
@@ -820,7 +853,7 @@ apply_columns(FoldObject *f, PyObject **col, PyObject *const *stores, PyObject *
             }
             goto done;
         }
-        invalid = merge_fields(f, values, keys, data, meta, &mi, created, col[COL_ID], is_insert,
+        invalid = merge_fields(f, values, keys, data, meta, attr_stamps, &mi, created, col[COL_ID], is_insert,
                                &changed);
         if (invalid < 0) {
             goto done;
@@ -899,12 +932,16 @@ count_live(PyObject *table, long n)
 }
 
 PyDoc_STRVAR(fold_doc,
-"Fold(loads, created_at_us, parse_stamp, unstamped, max_stamp_len, record_state)\n"
+"Fold(loads, created_at_us, parse_stamp, unstamped, max_stamp_len, record_state, *,\n"
+"     meta_loads=None)\n"
 "\n"
 "The compiled fold of the common row, over the Python path's own collaborators: `loads`\n"
 "(orjson.loads), `created_at_us` (bytes -> int | None), `parse_stamp` (str -> int | None),\n"
 "`unstamped` (merge.UNSTAMPED), `max_stamp_len` (0..64) and `record_state` (the class of\n"
-"the states it creates, called as record_state(user_id, record_id)). Calling it:\n"
+"the states it creates, called as record_state(user_id, record_id)). `meta_loads`, when\n"
+"given, parses every field_meta text in place of the in-place scanner: a dict whose values\n"
+"are stamp texts or objects holding theirs in `at` (where it raises, `loads` parses the\n"
+"text); bench/stages.py --field-meta measures one against the other. Calling it:\n"
 "\n"
 "fold(rows, start, stop, indexes_of, missions, agents, changed_missions, changed_agents,\n"
 "     lsn, applied_us)\n"
@@ -1060,13 +1097,18 @@ static PyObject *
 fold_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"loads", "created_at_us", "parse_stamp", "unstamped",
-                             "max_stamp_len", "record_state", NULL};
-    PyObject *loads, *created, *parse;
+                             "max_stamp_len", "record_state", "meta_loads", NULL};
+    PyObject *loads, *created, *parse, *meta_loads = Py_None;
     PyTypeObject *state_cls;
     long long unst;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOLnO!:Fold", kwlist, &loads, &created,
-                                     &parse, &unst, &max_len, &PyType_Type, &state_cls)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOLnO!|$O:Fold", kwlist, &loads,
+                                     &created, &parse, &unst, &max_len, &PyType_Type,
+                                     &state_cls, &meta_loads)) {
+        return NULL;
+    }
+    if (meta_loads != Py_None && !PyCallable_Check(meta_loads)) {
+        PyErr_SetString(PyExc_TypeError, "meta_loads must be None or callable");
         return NULL;
     }
     if (!PyCallable_Check(loads) || !PyCallable_Check(created) || !PyCallable_Check(parse)) {
@@ -1085,6 +1127,7 @@ fold_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     f->loads = Py_NewRef(loads);
     f->created_at_us = Py_NewRef(created);
     f->parse_stamp = Py_NewRef(parse);
+    f->meta_loads = meta_loads == Py_None ? NULL : Py_NewRef(meta_loads);
     f->unstamped = unst;
     f->max_stamp_len = max_len;
     f->state_type = (PyTypeObject *)Py_NewRef(state_cls);
@@ -1113,6 +1156,7 @@ fold_dealloc(FoldObject *f)
     Py_XDECREF(f->loads);
     Py_XDECREF(f->created_at_us);
     Py_XDECREF(f->parse_stamp);
+    Py_XDECREF(f->meta_loads);
     Py_XDECREF(f->state_type);
     for (int a = 0; a < N_ATTRS; a++) {
         Py_XDECREF(f->attr[a]);

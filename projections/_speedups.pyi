@@ -19,6 +19,8 @@ class Fold:
         unstamped: int,
         max_stamp_len: int,
         record_state: type,
+        *,
+        meta_loads: Callable[[bytes], object] | None = None,
     ) -> None: ...
     def __call__(
         self,

@@ -48,9 +48,11 @@ class Fold(Protocol):
     ) -> tuple[int, int, int, int, int, int]: ...
 
 
-def compiled_fold() -> Fold | None:
+def compiled_fold(*, meta_loads: Callable[[bytes], object] | None = None) -> Fold | None:
     """A new compiled fold over the Python path's own collaborators (its memos are its own);
-    None when `projections._speedups` was not built."""
+    None when `projections._speedups` was not built. `meta_loads` replaces the fold's
+    in-place scanner of `field_meta` (for measuring one against the other; see the Fold's
+    docstring)."""
     try:
         from projections._speedups import Fold as CompiledFold
     except ImportError:
@@ -62,5 +64,6 @@ def compiled_fold() -> Fold | None:
         unstamped=merge.UNSTAMPED,
         max_stamp_len=instants.MAX_STAMP_LEN,
         record_state=merge.RecordState,
+        meta_loads=meta_loads,
     )
     return fold

@@ -482,3 +482,39 @@ def test_the_compiled_transaction_loop_does_what_the_python_path_does(
         assert results[0] == results[1]
         assert store_of(fast.missions) == store_of(slow.missions)
         assert store_of(fast.agents) == store_of(slow.agents)
+
+
+class _Stamp:
+    """An object stamp as a typed decoder makes it: its `at` alone."""
+
+    def __init__(self, at: object) -> None:
+        self.at = at
+
+
+def _typed_meta(text: bytes) -> dict[str, object]:
+    """A field_meta decoder of the shape `meta_loads` takes: string stamps as they are,
+    object stamps as `_Stamp`; anything else raises (the fold's `loads` then parses it)."""
+    parsed = orjson.loads(text)
+    if not isinstance(parsed, dict) or not all(isinstance(v, str | dict) for v in parsed.values()):
+        raise TypeError("not a field_meta of stamps")
+    return {k: v if isinstance(v, str) else _Stamp(v.get("at")) for k, v in parsed.items()}
+
+
+@needs_fast_path
+@settings(max_examples=500, deadline=None)
+@given(meta_texts(), st.sampled_from([b"update", b"insert"]))
+def test_a_fold_with_meta_loads_merges_as_the_python_path(text: bytes, op: bytes) -> None:
+    # `meta_loads` (what bench/stages.py --field-meta measures) stands in for the scanner.
+    fast, slow = projector(True), projector(False)
+    fast._fold = fastpath.compiled_fold(meta_loads=_typed_meta)
+    create = (b"e0", b"ai", b"aiMissions", b"m1", b"u1", b"insert", b'{"title": "a"}', b"{}",
+              CREATED[0])  # fmt: skip
+    change = (b"e1", b"ai", b"aiMissions", b"m1", b"u1", op, orjson.dumps(META_FIELDS), text,
+              CREATED[1])  # fmt: skip
+    results = []
+    for p in (fast, slow):
+        outcome = Outcome()
+        p.apply_loaded([create, change], IN_ORDER, Lsn(10), 20, outcome)
+        results.append(outcome_of(outcome))
+    assert results[0] == results[1]
+    assert store_of(fast.missions) == store_of(slow.missions)
