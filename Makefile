@@ -7,7 +7,7 @@ PG15_BINDIR ?= /usr/lib/postgresql/15/bin
 
 .PHONY: run test browser test-unit test-integration test-pg15 lint typecheck validate-deploy bench clean
 
-$(STAMP): pyproject.toml setup.py projections/_speedups.c stream/_tuples.c stream/_slots.h
+$(STAMP): pyproject.toml setup.py projections/_speedups.c stream/_tuples.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
@@ -39,7 +39,7 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
 
 ## The integration tests against Debian's PostgreSQL 15 binaries, on the Python paths alone
-## (the compiled helpers stand aside; see stream/speedups.py).
+## (MISSION_RUNNER_PURE_PYTHON, read by Settings: the compiled helpers stand aside).
 test-pg15: $(STAMP)
 	MISSION_RUNNER_TEST_PG_BINDIR=$(PG15_BINDIR) MISSION_RUNNER_PURE_PYTHON=1 $(PY) -m pytest -q tests/integration
 

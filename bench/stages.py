@@ -12,12 +12,16 @@ once applied, a decoded row once merged):
     decode     a row's tuple -> ChangeRow (picking the columns, `decode_columns`)
     merge      SnapshotStore.apply: ChangeRow -> merged record states
     project    Projector.apply_transaction: decode + merge + bookkeeping, per row; through
-               the compiled fast path when it is built (decode and merge above time the
-               Python functions it stands in for); MISSION_RUNNER_PURE_PYTHON=1 times the
-               Python path alone here and in `stream`
+               the compiled fold when it is built (decode and merge above time the Python
+               functions it stands in for); `--python-paths` times the Python paths alone
+               here and in `stream` (the reader and the projector built with compiled=False)
     serialize  persistence.serialize, per dirty record (µs/record)
     persist    persistence.write_batch into the benchmark database, per record
                (client and server time together, µs/record)
+
+`--field-meta msgspec` (or `both`, side by side) times `project` with the compiled fold reading
+`field_meta` through msgspec's typed decoder (`dict[str, str | Stamp]`, a Stamp holding only
+`at`) instead of its in-place scanner; it needs `pip install msgspec`.
 
 Each figure is the best of `--repeat` runs. With `--gc both` (the default) every stage is
 timed under the interpreter's default cyclic-GC settings and again after
@@ -25,7 +29,8 @@ timed under the interpreter's default cyclic-GC settings and again after
 a service that loaded them at boot, which is where the collector's cost shows.
 
     .venv/bin/python bench/stages.py [--rows 100000] [--missions 10000] [--repeat 3]
-                                     [--gc both] [--heap 0]
+                                     [--gc both] [--heap 0] [--python-paths]
+                                     [--field-meta scanner|msgspec|both]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import gc
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -49,7 +54,7 @@ from bench.common import bench_server, create_schema, insert_missions  # noqa: E
 from core.lsn import Lsn  # noqa: E402
 from mission_runner.migrations import migrate  # noqa: E402
 from mission_runner.runtime import tune_gc  # noqa: E402
-from projections import persistence  # noqa: E402
+from projections import fastpath, persistence  # noqa: E402
 from projections.decode import Picker, column_indexes, decode_columns, picker  # noqa: E402
 from projections.merge import RecordState, make_key  # noqa: E402
 from projections.persistence import Checkpoint, PersistBatch, SnapshotRow  # noqa: E402
@@ -108,6 +113,8 @@ class Workload:
     rows: list[ChangeRow]
     lsn: Lsn
     commit_time_us: int
+    compiled: bool = True  # the compiled helpers, where built (False: --python-paths)
+    field_meta: list[str] = field(default_factory=lambda: ["scanner"])
 
     @classmethod
     def build(cls, frames: list[bytes]) -> Workload:
@@ -117,11 +124,11 @@ class Workload:
             out = reader.feed(buf)
             if isinstance(out, CommittedTransaction):
                 transactions.append(out)
-        relation = next(t.inserts[0].relation for t in transactions if t.inserts)
+        relation = next(t.inserts[0][0] for t in transactions if t.inserts)
         idx = column_indexes(tuple(c.name for c in relation.columns))
         assert idx is not None
         pick = picker(idx)
-        values = [i.values for t in transactions for i in t.inserts]
+        values = [v for t in transactions for _, v in t.inserts]
         rows = [r for v in values if isinstance(r := decode_columns(pick(v)), ChangeRow)]
         last = transactions[-1]
         return cls(
@@ -154,7 +161,7 @@ def stream(w: Workload) -> object:
     """The consumer's frame loop (`FrameReader.pump`, then `feed` for each frame it hands
     back); each transaction is dropped once out, as the service drops it once applied.
     Includes the stand-in for libpq's get_copy_data above (about what psycopg's costs)."""
-    reader = FrameReader(2)
+    reader = FrameReader(2, compiled=w.compiled)
     pump, feed = reader.pump, reader.feed
     get_copy_data = CopyData(w.frames)
     while True:
@@ -180,11 +187,29 @@ def merge(w: Workload) -> object:
     return missions
 
 
-def project(w: Workload) -> object:
-    projector = Projector(missions=SnapshotStore("mission"), agents=SnapshotStore("agent"))
+def project(w: Workload, meta_loads: Callable[[bytes], object] | None = None) -> object:
+    projector = Projector(
+        missions=SnapshotStore("mission"), agents=SnapshotStore("agent"), compiled=w.compiled
+    )
+    if meta_loads is not None:
+        # The fold with field_meta parsed by `meta_loads` instead of the in-place scanner.
+        projector._fold = fastpath.compiled_fold(meta_loads=meta_loads)
+        assert projector._fold is not None, "projections._speedups is not built"
     for tx in w.transactions:
         projector.apply_transaction(tx)
     return projector
+
+
+def msgspec_field_meta() -> Callable[[bytes], object]:
+    """msgspec's typed decoding of field_meta: legacy string stamps as str, object stamps as
+    a Struct holding `at` alone (msgspec skips the other keys: actor, origin, ...)."""
+    import msgspec
+
+    class Stamp(msgspec.Struct):
+        at: str | None = None
+
+    decode: Callable[[bytes], object] = msgspec.json.Decoder(dict[str, str | Stamp]).decode
+    return decode
 
 
 @dataclass
@@ -214,8 +239,15 @@ def time_stages(w: Workload, dsn: str, repeat: int) -> dict[str, float]:
         "stream": best_of(repeat, rows, lambda: stream(w)),
         "decode": best_of(repeat, rows, lambda: decode(w)),
         "merge": best_of(repeat, rows, lambda: merge(w)),
-        "project": best_of(repeat, rows, lambda: project(w)),
     }
+    # With both, the two take turns, so drifts of the machine fall on both alike.
+    for _ in range(repeat if len(w.field_meta) > 1 else 1):
+        for how in w.field_meta:
+            name = "project" if how == "scanner" else "project/msgspec"
+            loads = msgspec_field_meta() if how == "msgspec" else None
+            runs = 1 if len(w.field_meta) > 1 else repeat
+            took = best_of(runs, rows, lambda loads=loads: project(w, loads))
+            out[name] = min(out.get(name, float("inf")), took)
     states = list(merge(w))  # every record dirty once, as after a busy batch
     out["serialize"] = best_of(
         repeat, len(states), lambda: [persistence.serialize(s) for s in states]
@@ -242,6 +274,7 @@ UNITS = {"serialize": "µs/record", "persist": "µs/record (client + server)"}
 NOTES = {
     "stream": "frames, pgoutput, transactions",
     "project": "decode + merge + bookkeeping",
+    "project/msgspec": "the same, field_meta through msgspec",
 }
 
 
@@ -258,6 +291,17 @@ def main() -> None:
         default=0,
         metavar="N",
         help="keep N more snapshots alive while timing, like a service that booted with them",
+    )
+    ap.add_argument(
+        "--python-paths",
+        action="store_true",
+        help="time the Python paths alone (the reader and the projector without compiled helpers)",
+    )
+    ap.add_argument(
+        "--field-meta",
+        choices=["scanner", "msgspec", "both"],
+        default="scanner",
+        help="how the compiled fold reads field_meta in `project` (both: side by side)",
     )
     args = ap.parse_args()
 
@@ -276,6 +320,9 @@ def main() -> None:
         # The tables persistence writes to (the service creates them at boot).
         asyncio.run(_migrate(dsn))
         workload = Workload.build(frames)
+        workload.compiled = not args.python_paths
+        both = args.field_meta == "both"
+        workload.field_meta = ["scanner", "msgspec"] if both else [args.field_meta]
         del frames
         booted = booted_heap(args.heap)
         print(
@@ -317,14 +364,14 @@ async def _migrate(dsn: str) -> None:
 
 def print_table(columns: dict[str, dict[str, float]]) -> None:
     names = list(columns)
-    print(f"{'stage':<10}" + "".join(f"{n:>12}" for n in names) + "  unit")
+    print(f"{'stage':<16}" + "".join(f"{n:>12}" for n in names) + "  unit")
     stages = next(iter(columns.values()))
     for stage in stages:
         figures = "".join(f"{columns[n][stage]:12.2f}" for n in names)
         note = f"  ({NOTES[stage]})" if stage in NOTES else ""
-        print(f"{stage:<10}{figures}  {UNITS.get(stage, 'µs/row')}{note}")
+        print(f"{stage:<16}{figures}  {UNITS.get(stage, 'µs/row')}{note}")
     totals = "".join(f"{columns[n]['stream'] + columns[n]['project']:12.2f}" for n in names)
-    print(f"{'per row':<10}{totals}  µs/row  (stream + project: the CPU each row costs)")
+    print(f"{'per row':<16}{totals}  µs/row  (stream + project: the CPU each row costs)")
 
 
 if __name__ == "__main__":

@@ -1,79 +1,109 @@
 /*
- * projections._speedups: the streaming fast path of the projector, compiled.
+ * projections._speedups: the projector's fold of the common row, compiled (optional).
  *
- * `apply(columns, ...)` folds one `sync_changes` row into the snapshot stores exactly as
- * `decode_columns` + `SnapshotStore.apply` + `apply_row` do (projections/decode.py, stores.py,
- * merge.py), for the rows that make up nearly all of a stream: an `insert` or `update` of an
- * `ai` mission or agent that is new or exists and is not deleted, with every column present,
+ * One entry point, the type `Fold`. `Fold(loads, created_at_us, parse_stamp, unstamped,
+ * max_stamp_len, record_state)` takes the functions and constants it shares with the Python
+ * path (projections/fastpath.py hands them over); calling the object folds rows:
+ *
+ *     fold(rows, start, stop, indexes_of, missions, agents, changed_missions, changed_agents,
+ *          lsn, applied_us)
+ *
+ * folds `rows[start:stop]` ((relation, values) pairs, as stream.transactions.RowInsert)
+ * into the two state tables (projections.stores.StateTable) exactly as `decode_columns` +
+ * `SnapshotStore.apply` + `apply_row` do (projections/decode.py, stores.py, merge.py), in
+ * order, until the first row it declines, and returns where it stopped (see fold_doc). It
+ * takes the rows that make up nearly all of a stream: an `insert` or `update` of an `ai`
+ * mission or agent that is new or exists and is not deleted, with every column present,
  * well-formed ids, JSON objects in `data` and `field_meta`, and a parseable `created_at`.
- * For every other row it returns None before changing anything, and the caller takes the
- * Python path, which decides everything else (deletes, tombstones, dead letters, an agent's
- * `deletedAt`). The Python code is the definition; a unit test holds this file to it on
- * generated rows and states.
+ * At any other row it stops before changing anything for it, and the caller takes the
+ * Python path for that row, which decides everything else (deletes, tombstones, dead
+ * letters, an agent's `deletedAt`). The Python code is the definition; unit tests hold this
+ * file to it on generated rows and states.
  *
- * It calls the same Python functions for what is not mechanical (`orjson.loads`, the
- * memoised `created_at` and stamp parsers), handed over once by `configure`.
+ * What it relies on and keeps: the StateTable contract (states, dirty, live; see
+ * projections/stores.py); RecordState objects are made with its constructor and read and
+ * written through its attributes (their descriptors, found once by the constructor).
  *
  * `field_meta` is read in place when it can be (see `scan_meta`): only each field's stamp
  * text matters to the merge, and building the entries' objects would cost more than the
- * rest of the row's merge. Where the scanner is not sure, orjson parses it as before.
+ * rest of the row's merge. Where the scanner is not sure, `loads` parses it.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#include "_slots.h"
-
-/* Set by configure(); strong references for the life of the process. */
-static PyObject *json_loads = NULL;      /* orjson.loads */
-static PyObject *created_at_us = NULL;   /* decode._created_at_us: bytes -> int | None */
-static PyObject *parse_stamp = NULL;     /* merge._parse_text: str -> int | None */
-static long long unstamped = 0;          /* merge.UNSTAMPED */
-static Py_ssize_t max_stamp_len = 0;     /* merge._MAX_STAMP_LEN */
 
 static PyObject *s_exists, *s_deleted, *s_values, *s_keys, *s_last_lsn, *s_last_applied_us;
-static PyObject *s_at, *s_deleted_at, *s_relation;
+static PyObject *s_at, *s_deleted_at, *s_states, *s_dirty, *s_live;
 
-/* Slot offsets of RecordState and RowInsert (from their member descriptors, by configure),
-   to read and write those attributes without the attribute machinery. An object of any
-   other type, or a slot that is not set, goes through PyObject_GetAttr/SetAttr. */
-static PyTypeObject *state_type = NULL, *insert_type = NULL;
-enum { SLOT_EXISTS, SLOT_DELETED, SLOT_VALUES, SLOT_KEYS, SLOT_LAST_LSN, SLOT_LAST_APPLIED,
-       SLOT_RELATION, SLOT_ROW_VALUES, N_SLOTS };
-static Py_ssize_t slot_offset[N_SLOTS] = {-1, -1, -1, -1, -1, -1, -1, -1};
+#define MEMO_TEXT 64
 
+/* RecordState attributes the fold reads and writes. */
+enum { A_EXISTS, A_DELETED, A_VALUES, A_KEYS, A_LAST_LSN, A_LAST_APPLIED, N_ATTRS };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *loads;         /* orjson.loads: bytes -> object */
+    PyObject *created_at_us; /* decode._created_at_us: bytes -> int | None */
+    PyObject *parse_stamp;   /* instants.parse_stamp_text: str -> int | None */
+    PyObject *meta_loads;    /* NULL: field_meta is scanned in place (see scan_meta) */
+    long long unstamped;     /* merge.UNSTAMPED */
+    Py_ssize_t max_stamp_len;
+    PyTypeObject *state_type; /* merge.RecordState */
+    /* Its data descriptors, or NULL where the attribute machinery must be asked instead. */
+    PyObject *attr[N_ATTRS];
+    /* The last stamp text parsed and its result: the fields of a row, and the rows of a
+       transaction, nearly always share one stamp. */
+    struct {
+        Py_ssize_t len;  /* -1: empty */
+        int ok;
+        long long value;
+        char text[MEMO_TEXT];
+    } stamp_memo;
+    /* The last `created_at` text parsed and its instant, in µs. */
+    struct {
+        Py_ssize_t len;  /* -1: empty */
+        long long value;
+        char text[MEMO_TEXT];
+    } created_memo;
+} FoldObject;
+
+static PyObject *const *attr_names[N_ATTRS] = {&s_exists, &s_deleted, &s_values, &s_keys,
+                                               &s_last_lsn, &s_last_applied_us};
+
+/* `obj.<attr>` (new reference): through the descriptor found at construction when `obj` is
+   exactly a RecordState, else the attribute machinery. */
 static PyObject *
-get_slot(PyObject *obj, PyTypeObject *type, int slot, PyObject *name)
+get_attr(FoldObject *f, PyObject *obj, int a)
 {
-    Py_ssize_t off = slot_offset[slot];
-    if (Py_TYPE(obj) == type && off >= 0) {
-        PyObject *v = *(PyObject **)((char *)obj + off);
-        if (v != NULL) {
-            return Py_NewRef(v);
-        }
+    PyObject *d = f->attr[a];
+    if (d != NULL && Py_TYPE(obj) == f->state_type) {
+        return Py_TYPE(d)->tp_descr_get(d, obj, (PyObject *)f->state_type);
     }
-    return PyObject_GetAttr(obj, name);
+    return PyObject_GetAttr(obj, *attr_names[a]);
 }
 
 static int
-set_slot(PyObject *obj, PyTypeObject *type, int slot, PyObject *name, PyObject *v)
+set_attr(FoldObject *f, PyObject *obj, int a, PyObject *v)
 {
-    Py_ssize_t off = slot_offset[slot];
-    if (Py_TYPE(obj) == type && off >= 0) {
-        PyObject **p = (PyObject **)((char *)obj + off);
-        PyObject *old = *p;
-        *p = Py_NewRef(v);
-        Py_XDECREF(old);
-        return 0;
+    PyObject *d = f->attr[a];
+    if (d != NULL && Py_TYPE(obj) == f->state_type) {
+        return Py_TYPE(d)->tp_descr_set(d, obj, v);
     }
-    return PyObject_SetAttr(obj, name, v);
+    return PyObject_SetAttr(obj, *attr_names[a], v);
 }
 
 enum { COL_ID, COL_APP, COL_TABLE, COL_RECORD, COL_USER, COL_OP, COL_DATA, COL_META,
        COL_CREATED, N_COLUMNS };
 
-/* Result bits: see `apply`. */
+/* The result code of one row (apply_columns): R_CHANGED when the record changed (it is then
+   in the dirty dict and its key appended to the changed list, with last_lsn/last_applied_us
+   set), R_AGENT for an agent row, R_CREATED when the row created the record (a new, live
+   RecordState in the states dict), and the number of invalid stamps shifted left by
+   R_INVALID_SHIFT. */
 #define R_CHANGED 1
 #define R_AGENT 2
 #define R_CREATED 4
@@ -442,8 +472,8 @@ scan_meta(const char *buf, Py_ssize_t len, meta_index *mi)
 enum { STAMP_ABSENT, STAMP_TEXT, STAMP_NONE };
 
 static int
-stamp_of(PyObject *meta, const meta_index *mi, PyObject *name, const char **text,
-         Py_ssize_t *len)
+stamp_of(PyObject *meta, int attr_stamps, const meta_index *mi, PyObject *name,
+         const char **text, Py_ssize_t *len)
 {
     if (meta != NULL) {
         PyObject *raw = PyDict_GetItemWithError(meta, name);
@@ -456,6 +486,19 @@ stamp_of(PyObject *meta, const meta_index *mi, PyObject *name, const char **text
             if (t == NULL) {
                 return PyErr_Occurred() ? -1 : STAMP_NONE;
             }
+        }
+        else if (attr_stamps && !PyUnicode_Check(raw)) {
+            /* A stamp object of `meta_loads`, which holds its `at` (so the text outlives
+               the reference dropped here). */
+            t = PyObject_GetAttr(raw, s_at);
+            if (t == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                    return -1;
+                }
+                PyErr_Clear();
+                return STAMP_NONE;
+            }
+            Py_DECREF(t);
         }
         if (!PyUnicode_Check(t) || !PyUnicode_IS_ASCII(t)) {
             return STAMP_NONE;
@@ -484,37 +527,20 @@ stamp_of(PyObject *meta, const meta_index *mi, PyObject *name, const char **text
     return STAMP_ABSENT;
 }
 
-/* The last stamp text parsed and its result: the fields of a row, and the rows of a
-   transaction, nearly always share one stamp. Reset by configure(). */
-#define MEMO_TEXT 64
-static struct {
-    Py_ssize_t len;       /* -1: empty */
-    int ok;
-    long long value;
-    char text[MEMO_TEXT];
-} stamp_memo = {-1, 0, 0, {0}};
-
-/* The last `created_at` text parsed (decode._created_at_us) and its instant, in µs. */
-static struct {
-    Py_ssize_t len;       /* -1: empty */
-    long long value;
-    char text[MEMO_TEXT];
-} created_memo = {-1, 0, {0}};
-
 /* merge._parse_text on an ASCII text: 1 with the instant in *out, 0 if it has none, -1 with
    an exception set. */
 static int
-parse_text(const char *text, Py_ssize_t len, long long *out)
+parse_text(FoldObject *f, const char *text, Py_ssize_t len, long long *out)
 {
-    if (len > max_stamp_len) {
+    if (len > f->max_stamp_len) {
         return 0;
     }
-    if (stamp_memo.len != len || memcmp(stamp_memo.text, text, (size_t)len) != 0) {
+    if (f->stamp_memo.len != len || memcmp(f->stamp_memo.text, text, (size_t)len) != 0) {
         PyObject *s = PyUnicode_FromStringAndSize(text, len);
         if (s == NULL) {
             return -1;
         }
-        PyObject *parsed = PyObject_CallOneArg(parse_stamp, s);
+        PyObject *parsed = PyObject_CallOneArg(f->parse_stamp, s);
         Py_DECREF(s);
         if (parsed == NULL) {
             return -1;
@@ -529,13 +555,13 @@ parse_text(const char *text, Py_ssize_t len, long long *out)
             }
         }
         Py_DECREF(parsed);
-        memcpy(stamp_memo.text, text, (size_t)len);
-        stamp_memo.len = len;
-        stamp_memo.ok = ok;
-        stamp_memo.value = value;
+        memcpy(f->stamp_memo.text, text, (size_t)len);
+        f->stamp_memo.len = len;
+        f->stamp_memo.ok = ok;
+        f->stamp_memo.value = value;
     }
-    *out = stamp_memo.value;
-    return stamp_memo.ok;
+    *out = f->stamp_memo.value;
+    return f->stamp_memo.ok;
 }
 
 /* apply_row's loop over the fields of `data` for a state that exists and is not deleted,
@@ -543,8 +569,8 @@ parse_text(const char *text, Py_ssize_t len, long long *out)
    invalid stamps, or -1 with an exception set; *changed is set when a field's value or key
    changed. */
 static long
-merge_fields(PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
-             const meta_index *mi, long long created, PyObject *event, int may_be_unstamped,
+merge_fields(FoldObject *f, PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
+             int attr_stamps, const meta_index *mi, long long created, PyObject *event, int may_be_unstamped,
              int *changed)
 {
     long invalid = 0;
@@ -563,16 +589,16 @@ merge_fields(PyObject *values, PyObject *keys, PyObject *data, PyObject *meta,
         }
         const char *text = NULL;
         Py_ssize_t text_len = 0;
-        int found = stamp_of(meta, mi, name, &text, &text_len);
+        int found = stamp_of(meta, attr_stamps, mi, name, &text, &text_len);
         if (found < 0) {
             goto fail;
         }
         long long stamp;
         if (found == STAMP_ABSENT && may_be_unstamped) {
-            stamp = unstamped;
+            stamp = f->unstamped;
         }
         else {
-            int ok = found == STAMP_TEXT ? parse_text(text, text_len, &stamp) : 0;
+            int ok = found == STAMP_TEXT ? parse_text(f, text, text_len, &stamp) : 0;
             if (ok < 0) {
                 goto fail;
             }
@@ -630,9 +656,10 @@ fail:
 
 /* One row, its COLUMNS values in `col` (borrowed), into the stores: `stores` holds the
    mission states, dirty dict and changed list, then the agents'. Returns the result code (see
-   `apply`) as a C long >= 0; -1 with an exception set; -2 when declined (nothing changed). */
+   below) as a C long >= 0; -1 with an exception set; -2 when declined (nothing changed). */
 static long
-apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *applied_us)
+apply_columns(FoldObject *f, PyObject **col, PyObject *const *stores, PyObject *lsn,
+              PyObject *applied_us)
 {
     for (int i = 0; i < N_COLUMNS; i++) {
         if (!PyBytes_CheckExact(col[i])) {
@@ -680,12 +707,12 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
 
     const char *created_text = PyBytes_AS_STRING(col[COL_CREATED]);
     Py_ssize_t created_len = PyBytes_GET_SIZE(col[COL_CREATED]);
-    if (created_len == created_memo.len
-        && memcmp(created_text, created_memo.text, (size_t)created_len) == 0) {
-        created = created_memo.value;  /* the rows of a transaction share its start time */
+    if (created_len == f->created_memo.len
+        && memcmp(created_text, f->created_memo.text, (size_t)created_len) == 0) {
+        created = f->created_memo.value;  /* the rows of a transaction share its start time */
     }
     else {
-        PyObject *created_obj = PyObject_CallOneArg(created_at_us, col[COL_CREATED]);
+        PyObject *created_obj = PyObject_CallOneArg(f->created_at_us, col[COL_CREATED]);
         if (created_obj == NULL) {
             return -1;
         }
@@ -703,9 +730,9 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
             return -2;
         }
         if (created_len <= MEMO_TEXT) {
-            memcpy(created_memo.text, created_text, (size_t)created_len);
-            created_memo.len = created_len;
-            created_memo.value = created;
+            memcpy(f->created_memo.text, created_text, (size_t)created_len);
+            f->created_memo.len = created_len;
+            f->created_memo.value = created;
         }
     }
     /* The event id must be UTF-8 (the Python path decodes it); its bytes are then the key's
@@ -725,12 +752,31 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
     if (user == NULL) {
         goto done;
     }
-    data = call_or_decline(json_loads, col[COL_DATA], &declined);
+    data = call_or_decline(f->loads, col[COL_DATA], &declined);
     if (data == NULL) {
         goto done;
     }
-    if (!scan_meta(PyBytes_AS_STRING(col[COL_META]), PyBytes_GET_SIZE(col[COL_META]), &mi)) {
-        meta = call_or_decline(json_loads, col[COL_META], &declined);
+    int attr_stamps = 0;
+    if (f->meta_loads != NULL) {
+        meta = PyObject_CallOneArg(f->meta_loads, col[COL_META]);
+        if (meta == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                goto done;
+            }
+            PyErr_Clear();  /* not of its shape: `loads` parses it */
+        }
+        else if (!PyDict_CheckExact(meta)) {
+            Py_CLEAR(meta);
+        }
+        else {
+            attr_stamps = 1;
+        }
+    }
+    if (meta == NULL
+        && (f->meta_loads != NULL
+            || !scan_meta(PyBytes_AS_STRING(col[COL_META]), PyBytes_GET_SIZE(col[COL_META]),
+                          &mi))) {
+        meta = call_or_decline(f->loads, col[COL_META], &declined);
         if (meta == NULL) {
             goto done;
         }
@@ -764,23 +810,23 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
         /* A new record, as SnapshotStore.apply makes it: RecordState(user_id, record_id),
            stored under its key; apply_row then sets `exists` (below). Every decline is
            behind us: from here on the row is taken. */
-        state = PyObject_CallFunctionObjArgs((PyObject *)state_type, user, record, NULL);
+        state = PyObject_CallFunctionObjArgs((PyObject *)f->state_type, user, record, NULL);
         if (state == NULL) {
             goto done;
         }
         if (PyDict_SetItem(states, key, state) < 0
-            || set_slot(state, state_type, SLOT_EXISTS, s_exists, Py_True) < 0) {
+            || set_attr(f, state, A_EXISTS, Py_True) < 0) {
             goto done;
         }
         is_new = 1;
     }
     else {
         Py_INCREF(state);
-        exists = get_slot(state, state_type, SLOT_EXISTS, s_exists);
+        exists = get_attr(f, state, A_EXISTS);
         if (exists == NULL) {
             goto done;
         }
-        deleted = get_slot(state, state_type, SLOT_DELETED, s_deleted);
+        deleted = get_attr(f, state, A_DELETED);
         if (deleted == NULL) {
             goto done;
         }
@@ -792,11 +838,11 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
     long invalid = 0;
     int changed = is_new;
     if (PyDict_GET_SIZE(data) > 0) {
-        values = get_slot(state, state_type, SLOT_VALUES, s_values);
+        values = get_attr(f, state, A_VALUES);
         if (values == NULL) {
             goto done;
         }
-        keys = get_slot(state, state_type, SLOT_KEYS, s_keys);
+        keys = get_attr(f, state, A_KEYS);
         if (keys == NULL) {
             goto done;
         }
@@ -807,7 +853,7 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
             }
             goto done;
         }
-        invalid = merge_fields(values, keys, data, meta, &mi, created, col[COL_ID], is_insert,
+        invalid = merge_fields(f, values, keys, data, meta, attr_stamps, &mi, created, col[COL_ID], is_insert,
                                &changed);
         if (invalid < 0) {
             goto done;
@@ -815,8 +861,8 @@ apply_columns(PyObject **col, PyObject *const *stores, PyObject *lsn, PyObject *
     }
     if (changed) {
         if (PyDict_SetItem(dirty, key, state) < 0
-            || set_slot(state, state_type, SLOT_LAST_LSN, s_last_lsn, lsn) < 0
-            || set_slot(state, state_type, SLOT_LAST_APPLIED, s_last_applied_us, applied_us) < 0
+            || set_attr(f, state, A_LAST_LSN, lsn) < 0
+            || set_attr(f, state, A_LAST_APPLIED, applied_us) < 0
             || PyList_Append(changed_list, key) < 0) {
             goto done;
         }
@@ -841,145 +887,168 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(apply_doc,
-"apply(columns, mission_states, mission_dirty, changed_missions, agent_states, agent_dirty,\n"
-"      changed_agents, lsn, applied_us) -> int | None\n"
-"\n"
-"Fold one row (its COLUMNS values) into the stores' states dict, as the Python path would.\n"
-"None: not taken, nothing changed; the caller applies the row the Python way. Otherwise an\n"
-"int: bit 0 set when the record changed (it is then in the dirty dict and its key appended\n"
-"to the changed list, with last_lsn/last_applied_us set), bit 1 set for an agent row, bit 2\n"
-"set when the row created the record (a new RecordState in the states dict, live: the\n"
-"caller counts it), and the number of invalid stamps shifted left by 3.");
-
+/* A table's `states` and `dirty` dicts (new references), checked to be exact dicts. */
 static int
-check_stores(PyObject *const *stores)
+table_dicts(PyObject *table, PyObject **states, PyObject **dirty)
 {
-    for (int i = 0; i < 6; i++) {
-        int ok = (i % 3 == 2) ? PyList_Check(stores[i]) : PyDict_CheckExact(stores[i]);
-        if (!ok) {
-            PyErr_SetString(PyExc_TypeError,
-                            "expected the states dict, dirty dict and changed list of both stores");
-            return -1;
-        }
+    *states = PyObject_GetAttr(table, s_states);
+    *dirty = *states == NULL ? NULL : PyObject_GetAttr(table, s_dirty);
+    if (*dirty == NULL) {
+        Py_CLEAR(*states);
+        return -1;
     }
-    if (json_loads == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "projections._speedups is not configured");
+    if (!PyDict_CheckExact(*states) || !PyDict_CheckExact(*dirty)) {
+        Py_CLEAR(*states);
+        Py_CLEAR(*dirty);
+        PyErr_SetString(PyExc_TypeError, "a state table's states and dirty must be dicts");
         return -1;
     }
     return 0;
 }
 
-static PyObject *
-apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* table.live += n, keeping an exception that is already set. */
+static int
+count_live(PyObject *table, long n)
 {
-    if (nargs != 9) {
-        PyErr_Format(PyExc_TypeError, "apply() takes 9 arguments (%zd given)", nargs);
-        return NULL;
+    if (n == 0) {
+        return 0;
     }
-    if (check_stores(args + 1) < 0) {
-        return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int err = -1;
+    PyObject *live = PyObject_GetAttr(table, s_live);
+    if (live != NULL) {
+        PyObject *add = PyLong_FromLong(n);
+        PyObject *sum = add == NULL ? NULL : PyNumber_Add(live, add);
+        err = sum == NULL ? -1 : PyObject_SetAttr(table, s_live, sum);
+        Py_XDECREF(add);
+        Py_XDECREF(sum);
+        Py_DECREF(live);
     }
-    PyObject *columns = args[0];
-    if (!PyTuple_CheckExact(columns) || PyTuple_GET_SIZE(columns) != N_COLUMNS) {
-        Py_RETURN_NONE;
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);  /* the first error is the one to report */
     }
-    PyObject *col[N_COLUMNS];
-    for (int i = 0; i < N_COLUMNS; i++) {
-        col[i] = PyTuple_GET_ITEM(columns, i);
-    }
-    long code = apply_columns(col, args + 1, args[7], args[8]);
-    if (code == -1) {
-        return NULL;
-    }
-    if (code == -2) {
-        Py_RETURN_NONE;
-    }
-    return PyLong_FromLong(code);
+    return err;
 }
 
-PyDoc_STRVAR(apply_inserts_doc,
-"apply_inserts(inserts, start, indexes_of, mission_states, mission_dirty, changed_missions,\n"
-"              agent_states, agent_dirty, changed_agents, lsn, applied_us)\n"
-"    -> (next, mission_rows, agent_rows, invalid_stamps, foreign_rows, new_missions,\n"
-"        new_agents)\n"
+PyDoc_STRVAR(fold_doc,
+"Fold(loads, created_at_us, parse_stamp, unstamped, max_stamp_len, record_state, *,\n"
+"     meta_loads=None)\n"
 "\n"
-"`apply` for the rows of a transaction's inserts (RowInsert objects), from `start` on, in\n"
-"order, until one is declined: `next` is its position (the caller applies it the Python\n"
-"way and calls again from the one after), or len(inserts) when all were taken.\n"
-"`indexes_of(relation)` gives the positions of COLUMNS in that relation's tuples, or None\n"
-"for a relation that is not sync_changes (its rows count as foreign). new_missions and\n"
-"new_agents count the records the rows created.");
+"The compiled fold of the common row, over the Python path's own collaborators: `loads`\n"
+"(orjson.loads), `created_at_us` (bytes -> int | None), `parse_stamp` (str -> int | None),\n"
+"`unstamped` (merge.UNSTAMPED), `max_stamp_len` (0..64) and `record_state` (the class of\n"
+"the states it creates, called as record_state(user_id, record_id)). `meta_loads`, when\n"
+"given, parses every field_meta text in place of the in-place scanner: a dict whose values\n"
+"are stamp texts or objects holding theirs in `at` (where it raises, `loads` parses the\n"
+"text); bench/stages.py --field-meta measures one against the other. Calling it:\n"
+"\n"
+"fold(rows, start, stop, indexes_of, missions, agents, changed_missions, changed_agents,\n"
+"     lsn, applied_us)\n"
+"    -> (next, mission_rows, agent_rows, invalid_stamps, foreign_rows, new_records)\n"
+"\n"
+"Folds rows[start:stop] (a list or tuple of (relation, values) pairs) in order into the\n"
+"state tables `missions` and `agents` (their `states`, `dirty` and `live`, as\n"
+"projections.stores.StateTable documents them), as decode_columns + SnapshotStore.apply\n"
+"would, until the first row it declines: `next` is that row's position (nothing was\n"
+"changed for it; the caller applies it the Python way and calls again from the one\n"
+"after), or `stop` when every row was taken. `indexes_of(relation)` gives the positions\n"
+"of the nine COLUMNS in that relation's values, or None for a relation that is not\n"
+"sync_changes (its rows are counted as foreign). The key of each record a row changed is\n"
+"appended to `changed_missions` or `changed_agents`, and a changed state's last_lsn and\n"
+"last_applied_us become `lsn` and `applied_us`. new_records counts the records the rows\n"
+"created (live ones, added to their table's `live`).");
 
 static PyObject *
-apply_inserts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+fold_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    if (nargs != 11) {
-        PyErr_Format(PyExc_TypeError, "apply_inserts() takes 11 arguments (%zd given)", nargs);
+    FoldObject *f = (FoldObject *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 10 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
+        PyErr_Format(PyExc_TypeError, "fold() takes 10 positional arguments (%zd given)", nargs);
         return NULL;
     }
-    PyObject *inserts = args[0];
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     if (start == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *indexes_of = args[2];
-    PyObject *const *stores = args + 3;
-    if (!PyList_CheckExact(inserts) || check_stores(stores) < 0) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "apply_inserts() takes a list of inserts");
-        }
+    Py_ssize_t stop = PyLong_AsSsize_t(args[2]);
+    if (stop == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *lsn = args[9], *applied_us = args[10];
+    PyObject *rows = args[0], *indexes_of = args[3], *tables[2] = {args[4], args[5]};
+    PyObject *changed[2] = {args[6], args[7]}, *lsn = args[8], *applied_us = args[9];
+    if (!(PyList_CheckExact(rows) || PyTuple_CheckExact(rows)) || !PyList_Check(changed[0])
+        || !PyList_Check(changed[1])) {
+        PyErr_SetString(PyExc_TypeError, "fold() takes a list or tuple of rows and two lists");
+        return NULL;
+    }
+    /* mission states, dirty, changed list, then the agents'; as apply_columns reads them */
+    PyObject *stores[6] = {NULL, NULL, changed[0], NULL, NULL, changed[1]};
+    if (table_dicts(tables[0], &stores[0], &stores[1]) < 0) {
+        return NULL;
+    }
+    if (table_dicts(tables[1], &stores[3], &stores[4]) < 0) {
+        Py_DECREF(stores[0]);
+        Py_DECREF(stores[1]);
+        return NULL;
+    }
     /* mission rows, agent rows, invalid stamps, foreign rows, new missions, new agents */
     long counts[6] = {0, 0, 0, 0, 0, 0};
     PyObject *relation = NULL;     /* strong: the relation `idx` belongs to */
     int have_idx = 0;              /* 0: foreign relation */
     Py_ssize_t idx[N_COLUMNS];
     Py_ssize_t i = start < 0 ? 0 : start;
-    Py_ssize_t n = PyList_GET_SIZE(inserts);
-    for (; i < n; i++) {
-        PyObject *ins = PyList_GET_ITEM(inserts, i);
-        PyObject *rel = get_slot(ins, insert_type, SLOT_RELATION, s_relation);
-        if (rel == NULL) {
-            goto fail;
+    int failed = 0;
+    for (;; i++) {
+        /* The length is read again each time: the calls out (indexes_of, loads) run Python. */
+        Py_ssize_t n = PyList_CheckExact(rows) ? PyList_GET_SIZE(rows) : PyTuple_GET_SIZE(rows);
+        if (i >= stop || i >= n) {
+            break;
         }
+        PyObject *row = PyList_CheckExact(rows) ? PyList_GET_ITEM(rows, i)
+                                                : PyTuple_GET_ITEM(rows, i);
+        if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a row must be a (relation, values) tuple");
+            failed = 1;
+            break;
+        }
+        Py_INCREF(row);  /* kept while its items are used */
+        PyObject *rel = PyTuple_GET_ITEM(row, 0);
         if (rel != relation) {
             PyObject *positions = PyObject_CallOneArg(indexes_of, rel);
-            Py_XSETREF(relation, rel);
-            if (positions == NULL) {
-                goto fail;
-            }
+            Py_XSETREF(relation, Py_NewRef(rel));
             have_idx = 0;
+            if (positions == NULL) {
+                Py_DECREF(row);
+                failed = 1;
+                break;
+            }
             if (positions != Py_None) {
-                if (!PyTuple_Check(positions) || PyTuple_GET_SIZE(positions) != N_COLUMNS) {
-                    Py_DECREF(positions);
-                    PyErr_SetString(PyExc_TypeError, "indexes_of() must return 9 positions");
-                    goto fail;
-                }
-                for (int k = 0; k < N_COLUMNS; k++) {
+                int bad = !PyTuple_Check(positions) || PyTuple_GET_SIZE(positions) != N_COLUMNS;
+                for (int k = 0; !bad && k < N_COLUMNS; k++) {
                     idx[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(positions, k));
-                    if (idx[k] == -1 && PyErr_Occurred()) {
-                        Py_DECREF(positions);
-                        goto fail;
-                    }
+                    bad = idx[k] == -1 && PyErr_Occurred();
                 }
-                have_idx = 1;
+                have_idx = !bad;
+                if (bad && !PyErr_Occurred()) {
+                    PyErr_SetString(PyExc_TypeError, "indexes_of() must return 9 positions");
+                }
             }
             Py_DECREF(positions);
-        }
-        else {
-            Py_DECREF(rel);
+            if (PyErr_Occurred()) {
+                Py_DECREF(row);
+                Py_CLEAR(relation);
+                failed = 1;
+                break;
+            }
         }
         if (!have_idx) {
+            Py_DECREF(row);
             counts[3]++;
             continue;
         }
-        PyObject *values = get_slot(ins, insert_type, SLOT_ROW_VALUES, s_values);
-        if (values == NULL) {
-            goto fail;
-        }
+        PyObject *values = PyTuple_GET_ITEM(row, 1);
         PyObject *col[N_COLUMNS];
         int picked = PyTuple_CheckExact(values);
         for (int k = 0; picked && k < N_COLUMNS; k++) {
@@ -990,143 +1059,131 @@ apply_inserts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 col[k] = PyTuple_GET_ITEM(values, idx[k]);
             }
         }
-        long code = picked ? apply_columns(col, stores, lsn, applied_us) : -2;
-        Py_DECREF(values); /* the row's values live on in the insert, which the list holds */
+        long code = picked ? apply_columns(f, col, stores, lsn, applied_us) : -2;
+        Py_DECREF(row);
         if (code == -1) {
-            goto fail;
+            failed = 1;
+            break;
         }
         if (code == -2) {
             break;
         }
-        counts[(code & R_AGENT) ? 1 : 0]++;
+        int agent = (code & R_AGENT) != 0;
+        counts[agent]++;
         counts[2] += code >> R_INVALID_SHIFT;
         if (code & R_CREATED) {
-            counts[(code & R_AGENT) ? 5 : 4]++;
+            counts[4 + agent]++;
         }
     }
     Py_XDECREF(relation);
-    return Py_BuildValue("(nllllll)", i, counts[0], counts[1], counts[2], counts[3], counts[4],
-                         counts[5]);
-
-fail:
-    Py_XDECREF(relation);
-    return NULL;
+    for (int k = 0; k < 6; k++) {
+        if (k != 2 && k != 5) {
+            Py_DECREF(stores[k]);
+        }
+    }
+    /* Created records are live (see apply_columns): the tables' counts follow, also when a
+       later row failed. */
+    if (count_live(tables[0], counts[4]) < 0 || count_live(tables[1], counts[5]) < 0) {
+        failed = 1;
+    }
+    if (failed) {
+        return NULL;
+    }
+    return Py_BuildValue("(nlllll)", i, counts[0], counts[1], counts[2], counts[3],
+                         counts[4] + counts[5]);
 }
 
-PyDoc_STRVAR(configure_doc,
-"configure(loads, created_at_us, parse_stamp, unstamped, max_stamp_len, record_state,\n"
-"          row_insert)\n"
-"\n"
-"Hand over the Python functions and constants the fast path shares with the Python path,\n"
-"and the classes whose slots it reads and writes directly.");
-
 static PyObject *
-configure(PyObject *self, PyObject *args)
+fold_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    PyObject *loads, *created, *parse;
-    PyTypeObject *state_cls, *insert_cls;
+    static char *kwlist[] = {"loads", "created_at_us", "parse_stamp", "unstamped",
+                             "max_stamp_len", "record_state", "meta_loads", NULL};
+    PyObject *loads, *created, *parse, *meta_loads = Py_None;
+    PyTypeObject *state_cls;
     long long unst;
     Py_ssize_t max_len;
-    if (!PyArg_ParseTuple(args, "OOOLnO!O!:configure", &loads, &created, &parse, &unst,
-                          &max_len, &PyType_Type, &state_cls, &PyType_Type, &insert_cls)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOLnO!|$O:Fold", kwlist, &loads,
+                                     &created, &parse, &unst, &max_len, &PyType_Type,
+                                     &state_cls, &meta_loads)) {
+        return NULL;
+    }
+    if (meta_loads != Py_None && !PyCallable_Check(meta_loads)) {
+        PyErr_SetString(PyExc_TypeError, "meta_loads must be None or callable");
         return NULL;
     }
     if (!PyCallable_Check(loads) || !PyCallable_Check(created) || !PyCallable_Check(parse)) {
-        PyErr_SetString(PyExc_TypeError, "configure() takes three callables");
+        PyErr_SetString(PyExc_TypeError, "Fold() takes three callables");
         return NULL;
     }
-    Py_INCREF(loads);
-    Py_XSETREF(json_loads, loads);
-    Py_INCREF(created);
-    Py_XSETREF(created_at_us, created);
-    Py_INCREF(parse);
-    Py_XSETREF(parse_stamp, parse);
     if (max_len < 0 || max_len > MEMO_TEXT) {
         PyErr_Format(PyExc_ValueError, "max_stamp_len must be within 0..%d", MEMO_TEXT);
         return NULL;
     }
-    unstamped = unst;
-    max_stamp_len = max_len;
-    stamp_memo.len = -1;
-    created_memo.len = -1;
-    Py_INCREF(state_cls);
-    Py_XSETREF(state_type, state_cls);
-    Py_INCREF(insert_cls);
-    Py_XSETREF(insert_type, insert_cls);
-    static const char *names[N_SLOTS] = {"exists", "deleted", "values", "keys", "last_lsn",
-                                         "last_applied_us", "relation", "values"};
-    for (int i = 0; i < N_SLOTS; i++) {
-        slot_offset[i] = member_offset(i < SLOT_RELATION ? state_cls : insert_cls, names[i]);
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-scan_field_meta(PyObject *self, PyObject *arg)
-{
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "scan_field_meta() takes bytes");
+    FoldObject *f = (FoldObject *)type->tp_alloc(type, 0);
+    if (f == NULL) {
         return NULL;
     }
-    meta_index mi;
-    if (!scan_meta(PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg), &mi)) {
-        Py_RETURN_NONE;
-    }
-    PyObject *out = PyDict_New();
-    for (int i = 0; out != NULL && i < mi.n; i++) {
-        PyObject *name = PyUnicode_FromStringAndSize(mi.e[i].name, mi.e[i].name_len);
-        if (name == NULL) {
-            Py_CLEAR(out);
-            break;
+    f->vectorcall = fold_call;
+    f->loads = Py_NewRef(loads);
+    f->created_at_us = Py_NewRef(created);
+    f->parse_stamp = Py_NewRef(parse);
+    f->meta_loads = meta_loads == Py_None ? NULL : Py_NewRef(meta_loads);
+    f->unstamped = unst;
+    f->max_stamp_len = max_len;
+    f->state_type = (PyTypeObject *)Py_NewRef(state_cls);
+    f->stamp_memo.len = -1;
+    f->created_memo.len = -1;
+    /* The descriptors stand in for the attribute machinery only where that would find them
+       itself: generic attribute access, and a data descriptor on the class. */
+    int generic = state_cls->tp_getattro == PyObject_GenericGetAttr
+                  && state_cls->tp_setattro == PyObject_GenericSetAttr;
+    for (int a = 0; a < N_ATTRS; a++) {
+        PyObject *d = generic ? PyObject_GetAttr((PyObject *)state_cls, *attr_names[a]) : NULL;
+        if (d == NULL) {
+            PyErr_Clear();
         }
-        const char *text = NULL;
-        Py_ssize_t len = 0;
-        int found = stamp_of(NULL, &mi, name, &text, &len);
-        PyObject *item = found == STAMP_TEXT ? PyUnicode_FromStringAndSize(text, len)
-                                             : Py_NewRef(Py_None);
-        if (item == NULL || PyDict_SetItem(out, name, item) < 0) {
-            Py_CLEAR(out);
+        else if (Py_TYPE(d)->tp_descr_get == NULL || Py_TYPE(d)->tp_descr_set == NULL) {
+            Py_CLEAR(d);
         }
-        Py_DECREF(name);
-        Py_XDECREF(item);
+        f->attr[a] = d;
     }
-    return out;
+    return (PyObject *)f;
 }
 
-static PyObject *
-slot_offsets(PyObject *self, PyObject *unused)
+static void
+fold_dealloc(FoldObject *f)
 {
-    PyObject *t = PyTuple_New(N_SLOTS);
-    for (int i = 0; t != NULL && i < N_SLOTS; i++) {
-        PyObject *v = PyLong_FromSsize_t(slot_offset[i]);
-        if (v == NULL) {
-            Py_CLEAR(t);
-            break;
-        }
-        PyTuple_SET_ITEM(t, i, v);
+    Py_XDECREF(f->loads);
+    Py_XDECREF(f->created_at_us);
+    Py_XDECREF(f->parse_stamp);
+    Py_XDECREF(f->meta_loads);
+    Py_XDECREF(f->state_type);
+    for (int a = 0; a < N_ATTRS; a++) {
+        Py_XDECREF(f->attr[a]);
     }
-    return t;
+    PyTypeObject *type = Py_TYPE(f);
+    type->tp_free((PyObject *)f);
 }
 
-static PyMethodDef methods[] = {
-    {"scan_field_meta", scan_field_meta, METH_O,
-     "What apply reads of a field_meta text in place: None when it leaves the text to\n"
-     "orjson, else each name's stamp text (None: the entry has none). For tests."},
-    {"slot_offsets", slot_offsets, METH_NOARGS,
-     "The slot offsets configure() found (-1: read through getattr), for tests."},
-    {"apply", (PyCFunction)(void (*)(void))apply, METH_FASTCALL, apply_doc},
-    {"apply_inserts", (PyCFunction)(void (*)(void))apply_inserts, METH_FASTCALL,
-     apply_inserts_doc},
-    {"configure", configure, METH_VARARGS, configure_doc},
-    {NULL, NULL, 0, NULL},
+static PyTypeObject FoldType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "projections._speedups.Fold",
+    .tp_basicsize = sizeof(FoldObject),
+    .tp_dealloc = (destructor)fold_dealloc,
+    .tp_vectorcall_offset = offsetof(FoldObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = fold_doc,
+    .tp_new = fold_new,
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "projections._speedups",
-    "The projector's streaming fast path, compiled (see projections/fastpath.py).",
+    "The projector's fold of the common row, compiled: one entry point, the type Fold\n"
+    "(see projections/fastpath.py).",
     -1,
-    methods,
+    NULL,
     NULL,
     NULL,
     NULL,
@@ -1139,7 +1196,8 @@ PyInit__speedups(void)
     struct { PyObject **slot; const char *text; } names[] = {
         {&s_exists, "exists"}, {&s_deleted, "deleted"}, {&s_values, "values"},
         {&s_keys, "keys"}, {&s_last_lsn, "last_lsn"}, {&s_last_applied_us, "last_applied_us"},
-        {&s_at, "at"}, {&s_deleted_at, "deletedAt"}, {&s_relation, "relation"},
+        {&s_at, "at"}, {&s_deleted_at, "deletedAt"}, {&s_states, "states"},
+        {&s_dirty, "dirty"}, {&s_live, "live"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL) {
@@ -1149,5 +1207,16 @@ PyInit__speedups(void)
             }
         }
     }
-    return PyModule_Create(&module);
+    if (PyType_Ready(&FoldType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "Fold", (PyObject *)&FoldType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -49,9 +49,8 @@ from projections.group_commit import GroupCommit, GroupCommitOptions
 from projections.merge import RecordState, agent_view
 from projections.metrics import SnapshotMetrics
 from projections.persistence import Checkpoint, PersistBatch
-from projections.projector import DeadLetter, Outcome, Projector
+from projections.projector import Applying, DeadLetter, Outcome, Projector, Transaction
 from projections.stores import SnapshotStore
-from stream.transactions import CommittedTransaction as Transaction
 from writer.fence import Fence
 
 log = logging.getLogger(__name__)
@@ -102,6 +101,7 @@ class Ingest:
         feed: ChangeFeed | None = None,
         failpoints: FailPoints | None = None,
         compiled: bool = True,
+        apply_step: int = 5000,
     ) -> None:
         self.slot = slot
         self.persist_pool = persist_pool
@@ -112,6 +112,8 @@ class Ingest:
         self.feed = feed
         self.failpoints = failpoints or FailPoints()
         self.compiled = compiled
+        self.apply_step = apply_step
+        """Rows of a transaction applied per turn of the event loop."""
         self.group_commit = GroupCommit(options)
         self.persist_wanted = asyncio.Event()
         """Set when a group commit may have become due sooner (its owner waits on it)."""
@@ -123,7 +125,10 @@ class Ingest:
     def _new_state(self) -> None:
         self.missions = SnapshotStore("mission")
         self.agents = SnapshotStore("agent")
-        self.projector = Projector(missions=self.missions, agents=self.agents)
+        self.projector = Projector(
+            missions=self.missions, agents=self.agents, compiled=self.compiled
+        )
+        self._applying: tuple[Transaction, Applying] | None = None
         self._dead_letters: list[DeadLetter] = []
         # Taken for a group commit that has not committed (yet): kept until one does, so a
         # failed, abandoned or cancelled attempt loses nothing for the next one.
@@ -226,14 +231,42 @@ class Ingest:
 
     # -- apply ----------------------------------------------------------------------------
 
-    def apply(self, tx: Transaction) -> None:
-        """Apply one committed transaction (skipped when it was applied before)."""
+    def apply(self, tx: Transaction) -> bool:
+        """Apply one committed transaction (skipped when it was applied before). False when
+        it is large and only its first `apply_step` rows are applied: the caller then awaits
+        `finish()` before it hands over anything else."""
         if len(tx.inserts) >= 1000:
             self.failpoints.hit("before-apply-large")
-        outcome = self.projector.apply_transaction(tx)
-        if outcome is None:
+        applying = self.projector.start(tx)
+        if applying is None:
             self.metrics.skipped_transactions.inc()
+            return True
+        if applying.step(self.apply_step):
+            self._applied(tx, applying.outcome)
+            return True
+        self._applying = (tx, applying)
+        if self.feed is not None:
+            self.feed.settled.clear()  # the runtime judges nothing on half a transaction
+        return False
+
+    async def finish(self) -> None:
+        """Apply the rest of the transaction `apply` started, `apply_step` rows per turn of
+        the event loop, so no step holds the loop for long."""
+        if self._applying is None:
             return
+        tx, applying = self._applying
+        try:
+            while True:
+                await asyncio.sleep(0)
+                if applying.step(self.apply_step):
+                    break
+        finally:
+            self._applying = None
+            if self.feed is not None:
+                self.feed.settled.set()
+        self._applied(tx, applying.outcome)
+
+    def _applied(self, tx: Transaction, outcome: Outcome) -> None:
         self.metrics.commit_to_apply.observe(
             max(0.0, (self.clock.now_us() - tx.commit_time_us) / 1_000_000)
         )

@@ -4,12 +4,31 @@ It owns the applied position. Invariant: a transaction whose commit LSN is stric
 end LSN of the last applied transaction has been applied already (the server's own rule: a
 commit record may start exactly where the previous transaction ended) and is skipped, so
 at-least-once delivery from the slot becomes exactly-once application.
+
+What it takes in is described here as protocols (`Transaction`, `InsertedRow`,
+`RelationShape`), which the replication stream's types (`CommittedTransaction`, `RowInsert`,
+`Relation`) satisfy structurally: the projections import nothing of the stream, and mypy
+checks the fit where the composition root hands one to the other.
+
+A transaction can be applied whole (`apply_transaction`) or in bounded steps (`start`, then
+`Applying.step` until it returns True), so that a caller on an event loop can yield between
+steps. Invariant: the applied position moves only when the last step finishes. Between steps
+the stores already hold part of the transaction; a checkpoint persisted then is still the
+position before it, so after a restart the whole transaction comes again, and its rows merge
+into what was persisted without changing it (the merge is a join: a replayed row changes
+nothing). One transaction is in progress at a time.
+
+Rows go through the compiled fold (`projections._speedups`, see `projections.fastpath`) when
+it is built and the projector was made with `compiled=True` (the default); the fold stops at
+every row it does not take, and the Python path (`decode_columns` + `SnapshotStore.apply`,
+the definition) applies that row, so both give the same snapshots and outcomes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Final, Protocol, TypeAlias, TypeVar
 
 from core.json_types import JsonValue
 from core.lsn import ZERO, Lsn
@@ -17,10 +36,53 @@ from core.sync_changes import MISSIONS_TABLE
 from projections import fastpath
 from projections.decode import Picker, Rejected, Value, column_indexes, decode_columns, picker
 from projections.stores import SnapshotStore
-from stream.messages import Relation
-from stream.transactions import CommittedTransaction, RowInsert
 
 RecordKey = tuple[str, str]
+
+
+class ColumnShape(Protocol):
+    """A column of a relation, as far as the projector reads it."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class RelationShape(Protocol):
+    """A table's shape as the stream last described it (`stream.messages.Relation`): rows of
+    a relation named `sync_changes` that has every column the projections read are applied,
+    all others counted as foreign. A later description of the same `oid` replaces it."""
+
+    @property
+    def oid(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def columns(self) -> Sequence[ColumnShape]: ...
+
+
+InsertedRow: TypeAlias = tuple[RelationShape, tuple[Value, ...]]
+"""An inserted row: its relation and its values in that relation's column order
+(`stream.transactions.RowInsert`)."""
+
+
+class Transaction(Protocol):
+    """A committed transaction (`stream.transactions.CommittedTransaction`): `commit_lsn`
+    where its commit record starts, `end_lsn` where it ends (the position that becomes
+    applied), its commit time and its inserted rows in commit order."""
+
+    @property
+    def commit_lsn(self) -> Lsn: ...
+
+    @property
+    def end_lsn(self) -> Lsn: ...
+
+    @property
+    def commit_time_us(self) -> int: ...
+
+    @property
+    def inserts(self) -> Sequence[InsertedRow]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +111,50 @@ class Outcome:
         return self.mission_rows + self.agent_rows
 
 
+_R = TypeVar("_R")
+_LOADED: Final = object()  # what a row read from the table carries in place of a relation
+_UNSEEN: Final = object()  # no row carries it
+
+
+class Applying:
+    """One committed transaction being applied in bounded steps (see `Projector.start`)."""
+
+    __slots__ = ("_next", "_projector", "_tx", "done", "outcome")
+
+    def __init__(self, projector: Projector, tx: Transaction) -> None:
+        self._projector = projector
+        self._tx = tx
+        self._next = 0  # the position of the first insert not applied yet
+        self.done = False
+        self.outcome: Final = Outcome()
+        """What the steps so far did; complete once `done`."""
+
+    @property
+    def rows_left(self) -> int:
+        """Inserted rows (of every relation) not applied yet."""
+        return len(self._tx.inserts) - self._next
+
+    def step(self, max_rows: int) -> bool:
+        """Apply up to `max_rows` (>= 1) more inserted rows, foreign ones included; True once
+        the whole transaction is applied, and the applied position is then its end. Calling
+        it again after that does nothing and returns True."""
+        if self.done:
+            return True
+        if max_rows < 1:
+            raise ValueError(f"a step applies at least one row, not {max_rows}")
+        tx, p = self._tx, self._projector
+        inserts = tx.inserts
+        stop = min(len(inserts), self._next + max_rows)
+        p._apply_rows(inserts, self._next, stop, p._indexes, tx.commit_lsn, tx.commit_time_us,
+                      self.outcome)  # fmt: skip
+        self._next = stop
+        if stop < len(inserts):
+            return False
+        self.done = True
+        p._finish(self, tx)
+        return True
+
+
 class Projector:
     def __init__(
         self,
@@ -57,57 +163,51 @@ class Projector:
         agents: SnapshotStore,
         applied_lsn: Lsn = ZERO,
         applied_commit_time_us: int | None = None,
-        fast: bool = True,
+        compiled: bool = True,
     ) -> None:
-        """`fast=False` runs the Python path alone (the definition the compiled fast path is
-        held to; see projections/fastpath.py)."""
+        """`compiled`: fold the common row with the compiled `projections._speedups` when it
+        is built (the default); False runs the Python path alone, the definition the compiled
+        fold is held to (same snapshots and outcomes, lower throughput)."""
         self.missions = missions
         self.agents = agents
         self.applied_lsn = applied_lsn
         self.applied_commit_time_us = applied_commit_time_us
-        # Relation OID -> the Relation last seen, the positions of COLUMNS in its tuples and
+        # Relation OID -> the relation last seen, the positions of COLUMNS in its tuples and
         # how to pick them (None: not sync_changes, or it lacks a column we read).
-        self._relations: dict[int, tuple[Relation, tuple[int, ...] | None, Picker | None]] = {}
-        self._fast = fastpath.APPLY if fast else None
-        self._fast_inserts = fastpath.APPLY_INSERTS if fast else None
+        self._relations: dict[int, tuple[RelationShape, tuple[int, ...] | None]] = {}
+        self._pickers: dict[tuple[int, ...], Picker] = {}
+        self._fold = fastpath.compiled_fold() if compiled else None
+        self._applying: Applying | None = None
 
-    def already_applied(self, tx: CommittedTransaction) -> bool:
+    @property
+    def compiled(self) -> bool:
+        """Rows go through the compiled fold (asked for, and built)."""
+        return self._fold is not None
+
+    def already_applied(self, tx: Transaction) -> bool:
         return tx.commit_lsn < self.applied_lsn
 
-    def _relation(self, relation: Relation) -> tuple[tuple[int, ...] | None, Picker | None]:
-        cached = self._relations.get(relation.oid)
-        if cached is not None and cached[0] is relation:
-            return cached[1], cached[2]
-        idx = pick = None
-        if relation.name == "sync_changes":
-            idx = column_indexes(tuple(c.name for c in relation.columns))
-            if idx is not None:
-                pick = picker(idx)
-        self._relations[relation.oid] = (relation, idx, pick)
-        return idx, pick
-
-    def _picker(self, relation: Relation) -> Picker | None:
-        return self._relation(relation)[1]
-
-    def _indexes(self, relation: Relation) -> tuple[int, ...] | None:
-        return self._relation(relation)[0]
-
-    def apply_transaction(self, tx: CommittedTransaction) -> Outcome | None:
-        """Apply a committed transaction; None when it was applied before (skipped)."""
+    def start(self, tx: Transaction) -> Applying | None:
+        """Begin applying a committed transaction in steps; None when it was applied before
+        (skipped, as by `apply_transaction`). Raises RuntimeError while another one started
+        here is not done."""
+        self._check_idle()
         if self.already_applied(tx):
             return None
-        outcome = Outcome()
-        if self._fast_inserts is not None:
-            self._apply_inserts_fast(tx.inserts, tx.commit_lsn, tx.commit_time_us, outcome)
-        else:
-            rows = self._columns_of(tx.inserts, outcome)
-            self._apply_columns(rows, tx.commit_lsn, tx.commit_time_us, outcome)
-        self.applied_lsn = tx.end_lsn
-        self.applied_commit_time_us = tx.commit_time_us
-        return outcome
+        applying = self._applying = Applying(self, tx)
+        return applying
+
+    def apply_transaction(self, tx: Transaction) -> Outcome | None:
+        """Apply a committed transaction whole; None when it was applied before (skipped)."""
+        applying = self.start(tx)
+        if applying is None:
+            return None
+        applying.step(max(1, applying.rows_left))
+        return applying.outcome
 
     def advance(self, lsn: Lsn, commit_time_us: int | None = None) -> None:
         """Move the applied position without data (idle keepalive, load consistent point)."""
+        self._check_idle()
         if lsn > self.applied_lsn:
             self.applied_lsn = lsn
             if commit_time_us is not None:
@@ -121,107 +221,99 @@ class Projector:
         commit_time_us: int,
         outcome: Outcome,
     ) -> None:
-        """Apply rows read from the table in an exported snapshot (initial load, rebuild)."""
-        self._apply_columns(map(picker(idx), rows), lsn, commit_time_us, outcome)
+        """Apply rows read from the table in an exported snapshot (initial load, rebuild);
+        `idx` gives the positions of COLUMNS in each row."""
+        picker(idx)  # checks idx
+        loaded = [(_LOADED, values) for values in rows]
+        self._apply_rows(loaded, 0, len(loaded), lambda _: idx, lsn, commit_time_us, outcome)
 
-    def _columns_of(
-        self, inserts: list[RowInsert], outcome: Outcome
-    ) -> Iterator[tuple[Value, ...]]:
-        """The COLUMNS values of the inserted sync_changes rows; counts the others."""
-        relation: Relation | None = None
-        pick: Picker | None = None
-        for ins in inserts:
-            if ins.relation is not relation:
-                relation = ins.relation
-                pick = self._picker(relation)
-            if pick is None:
-                outcome.foreign_rows += 1
-            else:
-                yield pick(ins.values)
+    def _check_idle(self) -> None:
+        if self._applying is not None and not self._applying.done:
+            raise RuntimeError("a transaction is being applied in steps; finish it first")
 
-    def _apply_inserts_fast(
-        self, inserts: list[RowInsert], lsn: Lsn, commit_time_us: int, outcome: Outcome
-    ) -> None:
-        """`_columns_of` + `_apply_columns`, with the compiled loop taking the rows it can in
-        runs and the Python path each row it declines, in order."""
-        apply_inserts = self._fast_inserts
-        assert apply_inserts is not None
-        m_states, m_dirty = self.missions.fast_path_parts()
-        a_states, a_dirty = self.agents.fast_path_parts()
-        position, end = 0, len(inserts)
-        while position < end:
-            position, missions, agents, invalid, foreign, new_m, new_a = apply_inserts(
-                inserts,
-                position,
-                self._indexes,
-                m_states,
-                m_dirty,
-                outcome.changed_missions,
-                a_states,
-                a_dirty,
-                outcome.changed_agents,
-                lsn,
-                commit_time_us,
-            )
-            outcome.mission_rows += missions
-            outcome.agent_rows += agents
-            outcome.invalid_stamps += invalid
-            outcome.foreign_rows += foreign
-            if new_m or new_a:
-                self.missions.count_created(new_m)
-                self.agents.count_created(new_a)
-                outcome.new_records += new_m + new_a
-            if position < end:  # declined: a sync_changes row the Python path decides
-                ins = inserts[position]
-                pick = self._picker(ins.relation)
-                assert pick is not None
-                self._apply_columns((pick(ins.values),), lsn, commit_time_us, outcome, False)
-                position += 1
+    def _finish(self, applying: Applying, tx: Transaction) -> None:
+        if applying is self._applying:
+            self._applying = None
+        self.applied_lsn = tx.end_lsn
+        self.applied_commit_time_us = tx.commit_time_us
 
-    def _apply_columns(
+    def _indexes(self, relation: RelationShape) -> tuple[int, ...] | None:
+        """The positions of COLUMNS in the relation's tuples; None for any other relation."""
+        cached = self._relations.get(relation.oid)
+        if cached is not None and cached[0] is relation:
+            return cached[1]
+        idx = None
+        if relation.name == "sync_changes":
+            idx = column_indexes(tuple(c.name for c in relation.columns))
+        self._relations[relation.oid] = (relation, idx)
+        return idx
+
+    def _picker(self, idx: tuple[int, ...]) -> Picker:
+        pick = self._pickers.get(idx)
+        if pick is None:
+            pick = self._pickers[idx] = picker(idx)
+        return pick
+
+    def _apply_rows(
         self,
-        rows: Iterable[tuple[Value, ...]],
+        rows: Sequence[tuple[_R, tuple[Value, ...]]],
+        start: int,
+        stop: int,
+        indexes_of: Callable[[_R], tuple[int, ...] | None],
         lsn: Lsn,
         commit_time_us: int,
         outcome: Outcome,
-        use_fast: bool = True,
     ) -> None:
-        # The hot loop of ingest: every streamed row passes here, so the stores and lists
-        # are held in locals. A row's state records the LSN and commit time of the
-        # transaction that last changed it (its bookkeeping, set by the store).
+        """Apply `rows[start:stop]` in order: the compiled fold takes the rows it can in runs,
+        the Python path each row it declines."""
+        fold = self._fold
+        if fold is None:
+            self._apply_python(rows, start, stop, indexes_of, lsn, commit_time_us, outcome)
+            return
+        missions, agents = self.missions.table, self.agents.table
+        changed_missions, changed_agents = outcome.changed_missions, outcome.changed_agents
+        position = start
+        while position < stop:
+            position, mission_rows, agent_rows, invalid, foreign, created = fold(
+                rows, position, stop, indexes_of, missions, agents,
+                changed_missions, changed_agents, lsn, commit_time_us,
+            )  # fmt: skip
+            outcome.mission_rows += mission_rows
+            outcome.agent_rows += agent_rows
+            outcome.invalid_stamps += invalid
+            outcome.foreign_rows += foreign
+            outcome.new_records += created
+            if position < stop:  # declined: a sync_changes row the Python path decides
+                self._apply_python(rows, position, position + 1, indexes_of, lsn,
+                                   commit_time_us, outcome)  # fmt: skip
+                position += 1
+
+    def _apply_python(
+        self,
+        rows: Sequence[tuple[_R, tuple[Value, ...]]],
+        start: int,
+        stop: int,
+        indexes_of: Callable[[_R], tuple[int, ...] | None],
+        lsn: Lsn,
+        commit_time_us: int,
+        outcome: Outcome,
+    ) -> None:
+        # The hot loop of ingest without the compiled fold: the stores and lists are held in
+        # locals. A row's state records the LSN and commit time of the transaction that last
+        # changed it (its bookkeeping, set by the store).
         missions, agents = self.missions, self.agents
         changed_missions, changed_agents = outcome.changed_missions, outcome.changed_agents
-        fast = self._fast if use_fast else None
-        agent_bit, created_bit, shift = fastpath.AGENT, fastpath.CREATED, fastpath.INVALID_SHIFT
-        if fast is not None:
-            m_states, m_dirty = missions.fast_path_parts()
-            a_states, a_dirty = agents.fast_path_parts()
-        for columns in rows:
-            if fast is not None:
-                # The common row, in C; None: declined, nothing changed, the Python path below.
-                code = fast(
-                    columns,
-                    m_states,
-                    m_dirty,
-                    changed_missions,
-                    a_states,
-                    a_dirty,
-                    changed_agents,
-                    lsn,
-                    commit_time_us,
-                )
-                if code is not None:
-                    if code & agent_bit:
-                        outcome.agent_rows += 1
-                    else:
-                        outcome.mission_rows += 1
-                    if code & created_bit:
-                        (agents if code & agent_bit else missions).count_created(1)
-                        outcome.new_records += 1
-                    if code >> shift:
-                        outcome.invalid_stamps += code >> shift
-                    continue
-            row = decode_columns(columns)
+        relation: object = _UNSEEN  # the key `pick` belongs to
+        pick: Picker | None = None
+        for key, values in rows[start:stop] if start or stop < len(rows) else rows:
+            if key is not relation:
+                relation = key
+                idx = indexes_of(key)
+                pick = None if idx is None else self._picker(idx)
+            if pick is None:
+                outcome.foreign_rows += 1
+                continue
+            row = decode_columns(pick(values))
             if row is None:
                 outcome.foreign_rows += 1
                 continue

@@ -11,6 +11,10 @@ Invariants:
   reading it (a metric) costs nothing;
 - states handed out (`get`, iteration, `take_dirty`) are the live objects: read or serialise
   them before the next `apply`, never mutate them.
+
+A store keeps its states in a `StateTable`, the one thing it hands out besides states: the
+projector gives the two tables to the compiled fold (`projections._speedups.Fold`), which
+changes them in place under the table's written contract.
 """
 
 from __future__ import annotations
@@ -43,15 +47,42 @@ def _mission_is_live(state: RecordState) -> bool:
     return state.exists and not state.deleted
 
 
+class StateTable:
+    """The states of one kind of record: what a `SnapshotStore` keeps, and what the compiled
+    fold (`projections._speedups.Fold`) changes in place.
+
+    Its writers are the store's methods and the fold, and each keeps these invariants:
+    - `states` maps `(user_id, record_id)` to the one `RecordState` with those ids;
+    - `dirty` maps the key of every state whose merge content changed since it was restored
+      or last taken to that same state object, in the order of their first change;
+    - `live` is the number of states in `states` that have a view of the table's kind
+      (`SnapshotStore.is_live`);
+    - the two dicts are never replaced (cleared in place), so a reference to them stays
+      valid; a writer that changes a state's merge content sets its `last_lsn` and
+      `last_applied_us` when it is given them.
+    The fold adds only what keeps them simply: it creates new states (live ones), and
+    changes only states that exist, are not deleted and whose liveness the row cannot change
+    (it declines a row of an agent that sets `deletedAt`).
+    """
+
+    __slots__ = ("dirty", "live", "states")
+
+    def __init__(self) -> None:
+        self.states: dict[StoreKey, RecordState] = {}
+        # A dict, not a set: insertion-ordered, so take_dirty() is deterministic.
+        self.dirty: dict[StoreKey, RecordState] = {}
+        self.live = 0
+
+
 class SnapshotStore:
     """The merged states of one kind of record, with dirty tracking for the persister."""
 
     __slots__ = (
         "_dirty",
         "_is_live",
-        "_live",
         "_live_beyond_flags",
         "_states",
+        "_table",
         "_view",
         "kind",
         "table_name",
@@ -62,10 +93,10 @@ class SnapshotStore:
             raise ValueError(f"unknown snapshot kind {kind!r} (expected 'mission' or 'agent')")
         self.kind: Final = kind
         self.table_name: Final = _TABLE_OF[kind]
-        self._states: dict[StoreKey, RecordState] = {}
-        # A dict, not a set: insertion-ordered, so take_dirty() is deterministic.
-        self._dirty: dict[StoreKey, RecordState] = {}
-        self._live = 0
+        self._table: Final = StateTable()
+        # The table's dicts, held directly for the per-row paths (never replaced, see there).
+        self._states: Final = self._table.states
+        self._dirty: Final = self._table.dirty
         self._is_live: Callable[[RecordState], bool] = (
             _mission_is_live if kind == "mission" else agent_is_live
         )
@@ -111,41 +142,16 @@ class SnapshotStore:
             is_live = (
                 state.exists and not state.deleted and (beyond_flags is None or beyond_flags(state))
             )
-            self._live += is_live - was_live
+            self._table.live += is_live - was_live
             if lsn is not None:
                 state.last_lsn = lsn
                 state.last_applied_us = applied_us
         return outcome
 
-    def fast_path_parts(
-        self,
-    ) -> tuple[dict[StoreKey, RecordState], dict[StoreKey, RecordState]]:
-        """The states and dirty dicts, for `projections.fastpath.APPLY` only: it changes an
-        existing, not deleted state or creates a new one the way `apply` would, marks it
-        dirty, and declines every row that could change whether an existing one is live. The
-        records it creates are live: the caller counts them with `count_created`."""
-        return self._states, self._dirty
-
-    def count_created(self, n: int) -> None:
-        """`n` records the fast path created (see `fast_path_parts`), all of them live."""
-        self._live += n
-
-    def merge_in(self, state: RecordState) -> bool:
-        """Join `state` into the store (taking ownership of it if the key is new); True and
-        dirty if the store's state changed."""
-        key = (state.user_id, state.record_id)
-        current = self._states.get(key)
-        if current is None:
-            self._states[key] = state
-            self._live += self._is_live(state)
-            self._dirty[key] = state
-            return True
-        was_live = self._is_live(current)
-        changed = merge_into(current, state)
-        if changed:
-            self._dirty[key] = current
-            self._live += self._is_live(current) - was_live
-        return changed
+    @property
+    def table(self) -> StateTable:
+        """The states, dirty set and live count, for the compiled fold (see `StateTable`)."""
+        return self._table
 
     def restore(self, states: Iterable[RecordState]) -> int:
         """Load persisted states (taking ownership); returns how many were read.
@@ -160,32 +166,25 @@ class SnapshotStore:
             key = (loaded.user_id, loaded.record_id)
             current = self._states.get(key)
             if current is not None:
-                self._live -= self._is_live(current)
+                self._table.live -= self._is_live(current)
                 self._dirty.pop(key, None)
                 if merge_into(loaded, current):
                     self._dirty[key] = loaded
             self._states[key] = loaded
-            self._live += self._is_live(loaded)
+            self._table.live += self._is_live(loaded)
         return count
 
     def clear(self) -> None:
         """Forget every state (a rebuild starts from nothing)."""
         self._states.clear()
         self._dirty.clear()
-        self._live = 0
+        self._table.live = 0
 
     def take_dirty(self) -> list[RecordState]:
         """The states changed since the last call, oldest change first; clears the set."""
         dirty = list(self._dirty.values())
         self._dirty.clear()
         return dirty
-
-    def mark_dirty(self, states: Iterable[RecordState]) -> None:
-        """Put states back into the dirty set (a persist attempt failed)."""
-        for state in states:
-            key = (state.user_id, state.record_id)
-            if self._states.get(key) is state:
-                self._dirty[key] = state
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -203,7 +202,7 @@ class SnapshotStore:
 
     def live_count(self) -> int:
         """How many states have a view (existing, not deleted; agents: no `deletedAt`)."""
-        return self._live
+        return self._table.live
 
     def dirty_count(self) -> int:
         return len(self._dirty)
@@ -219,6 +218,6 @@ class SnapshotStore:
 
     def __repr__(self) -> str:
         return (
-            f"SnapshotStore({self.kind!r}, states={len(self._states)}, live={self._live}, "
+            f"SnapshotStore({self.kind!r}, states={len(self._states)}, live={self._table.live}, "
             f"dirty={len(self._dirty)})"
         )

@@ -1,26 +1,26 @@
 /*
- * stream._tuples: the Insert fast path of the pgoutput decoder, compiled.
+ * stream._tuples: the consumer's frame loop for plain Inserts, compiled.
  *
- * `plain_insert(unchanged, buf, pos)` reads the Insert message from buf[pos] to the end of
- * buf exactly as `_plain_insert_py` in stream/pgoutput.py does (the definition, which a
- * unit test holds this to): the relation OID and the new tuple's values, or None for
- * anything that is not one exact, well-formed Insert with a new tuple, so that the general
- * decoder takes the message and reports what is wrong with it. It never raises for bad
- * input. `insert_frame` does the same for the Insert of an XLogData frame and hands the row
- * to the open transaction, as the reader's fused path does (stream/reader.py), and
- * `insert_frames` does that for each frame it reads with psycopg's `get_copy_data`, until one
- * it does not take (`FrameReader.pump`, the consumer's frame loop).
+ * One entry point, `pump(get_copy_data, limit, unchanged, relations, inserts)`, which
+ * `TransactionAssembler.add_insert_frames` (and through it `FrameReader.pump`) calls: it
+ * reads frames with psycopg's `get_copy_data` and, for each XLogData frame that carries one
+ * exact, well-formed Insert of a described relation, appends the row `(relation, values)` to
+ * the open transaction's `inserts`, with no Python step per frame. At the first frame it does
+ * not take it stops and hands that frame back, and the caller's general path (frame codec,
+ * pgoutput decoder, assembler) reads it again and reports what is wrong with it, if anything.
+ * It never raises for bad input. The Python fused path (`PgOutputDecoder.plain_insert` with
+ * `TransactionAssembler.add_insert`) is the definition it is held to, by unit tests that feed
+ * and pump the same captured, generated and damaged frames.
  *
  * Message layout (PostgreSQL "Logical Replication Message Formats"): Byte1('I'),
  * Int32 relation OID, Byte1('N'), Int16 column count, then per column a kind byte: 'n'
  * (NULL), 'u' (unchanged TOAST), 't' or 'b' followed by an Int32 length and the bytes.
+ * The frame around it: Byte1('w'), Int64 WAL start, Int64 WAL end, Int64 send time.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-
-#include "_slots.h"
 
 #define MAX_COLUMNS 1664 /* MaxTupleAttributeNumber */
 #define XLOG_PAYLOAD_AT 25 /* 'w', WAL start, WAL end, send time */
@@ -94,86 +94,10 @@ decline:
     return NULL;
 }
 
-PyDoc_STRVAR(plain_insert_doc,
-"plain_insert(unchanged, buf, pos) -> (relation_oid, values) | None\n"
-"\n"
-"The Insert message from buf[pos] to the end of buf: its relation OID and new tuple\n"
-"(bytes for 't' and 'b', None for 'n', `unchanged` for 'u'), or None when it is not\n"
-"exactly one well-formed Insert with a new tuple.");
-
-static PyObject *
-plain_insert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "plain_insert() takes 3 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    if (!PyBytes_Check(args[1])) {
-        Py_RETURN_NONE;
-    }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
-    if (pos == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    uint32_t oid;
-    PyObject *values = read_insert((const unsigned char *)PyBytes_AS_STRING(args[1]),
-                                   PyBytes_GET_SIZE(args[1]), pos, args[0], &oid);
-    if (values == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
-    }
-    PyObject *relation = PyLong_FromUnsignedLong(oid);
-    if (relation == NULL) {
-        Py_DECREF(values);
-        return NULL;
-    }
-    PyObject *result = PyTuple_Pack(2, relation, values);
-    Py_DECREF(relation);
-    Py_DECREF(values);
-    return result;
-}
-
-/* RowInsert's slot offsets, looked up once per class. */
-static PyTypeObject *row_insert_type = NULL;
-static Py_ssize_t row_relation_at = -1, row_values_at = -1;
-
-PyDoc_STRVAR(insert_frame_doc,
-"insert_frame(unchanged, buf, relations, inserts, row_insert) -> wal_end | None\n"
-"\n"
-"An XLogData frame carrying one plain Insert (outside a stream block: the caller checks),\n"
-"read in place: appends row_insert(relation, values) to `inserts`, the relation being\n"
-"relations[oid], and returns the frame's WAL end. None, having done nothing, when the frame\n"
-"is not exactly that or the relation was never described.");
-
-/* Check (and remember the slot offsets of) the row_insert class. */
-static int
-set_row_insert_type(PyObject *cls)
-{
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "row_insert must be a class");
-        return -1;
-    }
-    PyTypeObject *type = (PyTypeObject *)cls;
-    if (type != row_insert_type) {
-        Py_ssize_t rel_at = member_offset(type, "relation");
-        Py_ssize_t val_at = member_offset(type, "values");
-        if (rel_at < 0 || val_at < 0 || type->tp_itemsize != 0) {
-            PyErr_SetString(PyExc_TypeError, "row_insert must be a slotted class");
-            return -1;
-        }
-        Py_INCREF(type);
-        Py_XSETREF(row_insert_type, type);
-        row_relation_at = rel_at;
-        row_values_at = val_at;
-    }
-    return 0;
-}
-
 /* The frame p[0:n] if it is an XLogData frame carrying one plain Insert of a described
    relation: appends the row to `inserts` and returns 1 with its WAL end in *end. 0 when it
-   is not (nothing done), -1 with an exception set. set_row_insert_type() ran. */
+   is not (nothing done), -1 with an exception set. The row is the 2-tuple
+   (relation, values), the shape of stream.transactions.RowInsert. */
 static int
 take_insert_frame(const unsigned char *p, Py_ssize_t n, PyObject *unchanged,
                   PyObject *relations, PyObject *inserts, uint64_t *end)
@@ -197,14 +121,11 @@ take_insert_frame(const unsigned char *p, Py_ssize_t n, PyObject *unchanged,
         Py_DECREF(values);
         return PyErr_Occurred() ? -1 : 0;
     }
-    PyTypeObject *type = row_insert_type;
-    PyObject *row = type->tp_alloc(type, 0); /* what object.__new__(RowInsert) does */
+    PyObject *row = PyTuple_Pack(2, relation, values);
+    Py_DECREF(values);
     if (row == NULL) {
-        Py_DECREF(values);
         return -1;
     }
-    *(PyObject **)((char *)row + row_relation_at) = Py_NewRef(relation);
-    *(PyObject **)((char *)row + row_values_at) = values; /* the reference moves */
     int err = PyList_Append(inserts, row);
     Py_DECREF(row);
     if (err < 0) {
@@ -218,53 +139,28 @@ take_insert_frame(const unsigned char *p, Py_ssize_t n, PyObject *unchanged,
     return 1;
 }
 
-static PyObject *
-insert_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "insert_frame() takes 5 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *buf = args[1], *relations = args[2], *inserts = args[3];
-    if (!PyDict_Check(relations) || !PyList_Check(inserts)) {
-        PyErr_SetString(PyExc_TypeError, "insert_frame() takes a dict, a list and a class");
-        return NULL;
-    }
-    if (set_row_insert_type(args[4]) < 0) {
-        return NULL;
-    }
-    if (!PyBytes_Check(buf)) {
-        Py_RETURN_NONE;
-    }
-    uint64_t end;
-    int taken = take_insert_frame((const unsigned char *)PyBytes_AS_STRING(buf),
-                                  PyBytes_GET_SIZE(buf), args[0], relations, inserts, &end);
-    if (taken < 0) {
-        return NULL;
-    }
-    if (taken == 0) {
-        Py_RETURN_NONE;
-    }
-    return PyLong_FromUnsignedLongLong(end);
-}
-
-PyDoc_STRVAR(insert_frames_doc,
-"insert_frames(get_copy_data, limit, unchanged, relations, inserts, row_insert)\n"
+PyDoc_STRVAR(pump_doc,
+"pump(get_copy_data, limit, unchanged, relations, inserts)\n"
 "    -> (taken, taken_bytes, wal_end, rest)\n"
 "\n"
 "Reads frames with get_copy_data(True) (psycopg's PGconn.get_copy_data: (size, buffer),\n"
-"size 0 when none is buffered, -1 at the end of the copy, -2 on error) and takes each one\n"
-"`insert_frame` would take, up to `limit` of them; `inserts` None takes none. Returns how\n"
-"many frames it took, their bytes, the highest WAL end among them (0 if none), and `rest`:\n"
-"the first frame it did not take, as bytes; get_copy_data's size when that was <= 0; or\n"
-"None after `limit` frames. An error of get_copy_data after frames were taken is left for\n"
-"the next call, which raises it.");
+"size 0 when none is buffered, -1 at the end of the copy, -2 on error) and takes, up to\n"
+"`limit` of them, each XLogData frame that carries exactly one well-formed Insert (values:\n"
+"bytes for 't' and 'b', None for 'n', `unchanged` for 'u') of a relation in the dict\n"
+"`relations` (OID -> relation): it appends (relation, values) to the list `inserts`.\n"
+"`inserts` None takes no frame (a stream block is open: its Inserts carry an xid).\n"
+"The caller makes sure a plain transaction is open whenever `inserts` is a list.\n"
+"Returns how many frames it took, their bytes, the highest WAL end among them (0 if\n"
+"none), and `rest`: the first frame it did not take, as bytes; get_copy_data's size when\n"
+"that was <= 0; or None after `limit` frames. An error of get_copy_data after frames were\n"
+"taken is left for the next call, which raises it. Bad input never raises: such a frame\n"
+"is handed back as `rest`.");
 
 static PyObject *
-insert_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+pump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "insert_frames() takes 6 arguments (%zd given)", nargs);
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "pump() takes 5 arguments (%zd given)", nargs);
         return NULL;
     }
     PyObject *get_copy_data = args[0], *unchanged = args[2], *relations = args[3];
@@ -274,10 +170,7 @@ insert_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (!PyDict_Check(relations) || (inserts != NULL && !PyList_Check(inserts))) {
-        PyErr_SetString(PyExc_TypeError, "insert_frames() takes a dict and a list or None");
-        return NULL;
-    }
-    if (set_row_insert_type(args[5]) < 0) {
+        PyErr_SetString(PyExc_TypeError, "pump() takes a dict and a list or None");
         return NULL;
     }
     Py_ssize_t taken = 0;
@@ -347,17 +240,15 @@ insert_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef methods[] = {
-    {"plain_insert", (PyCFunction)(void (*)(void))plain_insert, METH_FASTCALL, plain_insert_doc},
-    {"insert_frame", (PyCFunction)(void (*)(void))insert_frame, METH_FASTCALL, insert_frame_doc},
-    {"insert_frames", (PyCFunction)(void (*)(void))insert_frames, METH_FASTCALL,
-     insert_frames_doc},
+    {"pump", (PyCFunction)(void (*)(void))pump, METH_FASTCALL, pump_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "stream._tuples",
-    "The pgoutput decoder's Insert fast path, compiled (see stream/pgoutput.py).",
+    "The consumer's frame loop for plain Inserts, compiled: one entry point, pump()\n"
+    "(see stream/reader.py).",
     -1,
     methods,
     NULL,

@@ -337,7 +337,7 @@ class ReplicationConnection:
         """The outer loop: read what arrived, send status updates when due, sleep until the
         socket is readable or the next update is due."""
         pgconn = self._conn.pgconn
-        reader = FrameReader(options.proto_version)
+        reader = FrameReader(options.proto_version, compiled=options.compiled)
         clock = self._clock
         timer = StatusTimer(options.status_interval, clock.monotonic())
         while True:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from functools import partial
 from typing import Final, TypeAlias, cast
 
 from core.lsn import Lsn
@@ -53,7 +52,6 @@ from stream.messages import (
     Unchanged,
     Update,
 )
-from stream.speedups import pure_python
 
 __all__ = [
     "UNCHANGED",
@@ -401,7 +399,7 @@ class PgOutputDecoder:
         """
         if self._in_stream:
             return None
-        return _PLAIN_INSERT(buf, pos)
+        return _plain_insert(buf, pos)
 
     def _decode_other(self, tag: int, buf: bytes) -> tuple[PgOutputMessage, int]:
         if tag in _STREAM_TAGS:
@@ -457,10 +455,10 @@ def _tag_text(payload: bytes) -> str | None:
     return chr(tag) if 0x20 < tag < 0x7F else f"\\x{tag:02x}"
 
 
-def _plain_insert_py(buf: bytes, pos: int) -> tuple[int, TupleData] | None:
-    """`PgOutputDecoder.plain_insert` outside a stream block, in Python: the definition
-    `stream._tuples.plain_insert` is held to. Declines (None) a width whose column parser
-    is not compiled yet; `decode` compiles it."""
+def _plain_insert(buf: bytes, pos: int) -> tuple[int, TupleData] | None:
+    """`PgOutputDecoder.plain_insert` outside a stream block: the definition the compiled
+    frame loop (`stream._tuples.pump`) is held to. Declines (None) a width whose column
+    parser is not compiled yet; `decode` compiles it."""
     try:
         tag, oid, marker, count = _INSERT_HEAD.unpack_from(buf, pos)
         parse = _COMPILED.get(count)
@@ -472,20 +470,3 @@ def _plain_insert_py(buf: bytes, pos: int) -> tuple[int, TupleData] | None:
     if end != len(buf):
         return None
     return oid, new
-
-
-def _compiled_plain_insert() -> Callable[[bytes, int], tuple[int, TupleData] | None] | None:
-    if pure_python():
-        return None
-    try:
-        from stream._tuples import plain_insert
-    except ImportError:
-        return None
-
-    compiled: Callable[[bytes, int], tuple[int, TupleData] | None] = partial(
-        plain_insert, UNCHANGED
-    )
-    return compiled
-
-
-_PLAIN_INSERT: Final = _compiled_plain_insert() or _plain_insert_py

@@ -16,8 +16,12 @@ general path, which reads the same bytes again and raises. Both paths therefore 
 same results and the same errors, which the unit tests check on captured streams.
 
 `pump` is the consumer's way in: it reads frames from the connection (psycopg's
-`get_copy_data`) and takes each run of plain Inserts with the compiled fused path, with no
-Python step per frame, handing back the first frame it does not take for `feed`.
+`get_copy_data`) and takes each run of plain Inserts with the compiled frame loop
+(`stream._tuples.pump`), with no Python step per frame, handing back the first frame it does
+not take for `feed`. Whether the compiled loop is used is the constructor's `compiled`
+argument (`StreamOptions.compiled` in the consumer); without it, or in a build without the
+module, `pump` hands back each frame as it comes, and `feed` takes it on the Python fused
+path: same results, lower throughput.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from stream.frames import (
 from stream.messages import LogicalMessage, Relation
 from stream.pgoutput import PgOutputDecoder
 from stream.transactions import (
-    COMPILED_INSERT_FRAMES,
     CommittedTransaction,
     GetCopyData,
     TransactionAssembler,
@@ -54,9 +57,11 @@ class FrameReader:
 
     __slots__ = ("_assembler", "_decoder", "_received")
 
-    def __init__(self, proto_version: int) -> None:
+    def __init__(self, proto_version: int, *, compiled: bool = True) -> None:
+        """`compiled`: `pump` takes runs of plain Inserts with the compiled frame loop when it
+        is built (the default); False keeps to the Python paths (same results, slower)."""
         self._decoder = PgOutputDecoder(proto_version)
-        self._assembler = TransactionAssembler()
+        self._assembler = TransactionAssembler(compiled=compiled)
         self._received = 0  # the highest WAL end of any frame so far
 
     @property
@@ -78,6 +83,11 @@ class FrameReader:
     def relations(self) -> Mapping[int, Relation]:
         return self._assembler.relations
 
+    @property
+    def compiled(self) -> bool:
+        """`pump` uses the compiled frame loop (asked for, and built)."""
+        return self._assembler.pumps
+
     def feed(self, buf: bytes) -> ReaderOutput:
         """Take the next CopyData payload; returns a transaction at its commit, a
         non-transactional message or a keepalive at once, and None for everything else."""
@@ -86,15 +96,6 @@ class FrameReader:
             and buf[0] == _TAG_XLOG
             and buf[XLOG_PAYLOAD_AT] == _TAG_INSERT
         ):
-            if COMPILED_INSERT_FRAMES:
-                # The whole fused path in C; it declines exactly where the two steps below do.
-                if not self._decoder.in_stream_block:
-                    end = self._assembler.add_insert_frame(buf)
-                    if end is not None:
-                        if end > self._received:
-                            self._received = end
-                        return None
-                return self._general(buf)
             insert = self._decoder.plain_insert(buf, XLOG_PAYLOAD_AT)
             if insert is not None and self._assembler.add_insert(insert[0], insert[1]):
                 end = xlog_wal_end(buf)
@@ -109,9 +110,10 @@ class FrameReader:
         its fused path, all in C. Returns the frames taken, their bytes, and the rest: the
         first frame not taken, as bytes, which the caller passes to `feed`; get_copy_data's
         size when it had no frame (0: none buffered, -1: the copy ended); None after
-        `limit` frames. Without the compiled path (or while a stream block is open, whose
-        Inserts are never fused) it reads one frame and returns it as the rest."""
-        if COMPILED_INSERT_FRAMES:
+        `limit` frames. Without the compiled frame loop it reads one frame and returns it as
+        the rest; while a stream block is open (whose Inserts are never fused) the compiled
+        loop does the same."""
+        if self._assembler.pumps:
             taken, taken_bytes, end, rest = self._assembler.add_insert_frames(
                 get_copy_data, limit, takes_inserts=not self._decoder.in_stream_block
             )

@@ -386,16 +386,15 @@ class Supervisor:
     # -- the sink the replication connection calls ----------------------------------------
 
     def on_transaction(self, tx: CommittedTransaction) -> bool:
-        self.ingest.apply(tx)
         for msg in tx.messages:
             if msg.prefix == CATCHUP_PREFIX:
                 waiter = self._markers.pop(msg.content.decode("ascii", "replace"), None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(tx.end_lsn)
-        return True
+        return self.ingest.apply(tx)
 
     async def finish(self) -> None:
-        return None
+        await self.ingest.finish()
 
     def on_logical_message(self, msg: LogicalMessage) -> None:
         """Non-transactional messages carry nothing for us."""

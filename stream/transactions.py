@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, TypeAlias
+from typing import Any, TypeAlias
 
 from core.lsn import Lsn
 from stream.errors import DecodeError
@@ -56,15 +56,11 @@ from stream.messages import (
     Unchanged,
     Update,
 )
-from stream.speedups import pure_python
 
-
-@dataclass(frozen=True, slots=True)
-class RowInsert:
-    """An inserted row with the relation (as last described before the row) it belongs to."""
-
-    relation: Relation
-    values: TupleData
+RowInsert: TypeAlias = tuple[Relation, TupleData]
+"""An inserted row: `(relation, values)`, the relation as last described before the row.
+A plain tuple, so the compiled frame loop builds it with one call and the projections read it
+without knowing this module (their `projections.projector.InsertedRow` is its shape)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +115,21 @@ class _StreamedTransaction:
 class TransactionAssembler:
     """Feeds on the messages of one replication connection, in order."""
 
-    __slots__ = ("_block", "_buffered_rows", "_open", "_relations", "_streamed", "_types")
+    __slots__ = (
+        "_block",
+        "_buffered_rows",
+        "_open",
+        "_pump",
+        "_relations",
+        "_streamed",
+        "_types",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, compiled: bool = True) -> None:
+        """`compiled`: take runs of plain Insert frames with the compiled `stream._tuples.pump`
+        when it is built (see `add_insert_frames`); False, or a build without it, leaves
+        `add_insert_frames` unavailable (`pumps` is False) and every frame to `feed`."""
+        self._pump: _Pump | None = _compiled_pump() if compiled else None
         self._relations: dict[int, Relation] = {}
         self._types: dict[int, Type] = {}
         self._open: _OpenTransaction | None = None
@@ -138,6 +146,11 @@ class TransactionAssembler:
     def buffered_rows(self) -> int:
         """Inserted, updated and deleted rows held for transactions not yet committed."""
         return self._buffered_rows
+
+    @property
+    def pumps(self) -> bool:
+        """`add_insert_frames` can take frames: the compiled pump is built and in use."""
+        return self._pump is not None
 
     @property
     def relations(self) -> Mapping[int, Relation]:
@@ -159,7 +172,7 @@ class TransactionAssembler:
             return None
         match msg:
             case Insert():
-                row = RowInsert(self._relation(msg.relation_oid, lsn, "I"), msg.new)
+                row = (self._relation(msg.relation_oid, lsn, "I"), msg.new)
                 self._add(row, msg.xid, lsn, "I")
             case Update() | Delete():
                 tag = "U" if type(msg) is Update else "D"
@@ -219,43 +232,28 @@ class TransactionAssembler:
         relation = self._relations.get(relation_oid)
         if relation is None:
             return False
-        open_txn.inserts.append(_row_insert(relation, new))
+        open_txn.inserts.append((relation, new))
         open_txn.rows += 1
         self._buffered_rows += 1
         return True
 
-    def add_insert_frame(self, buf: bytes) -> int | None:
-        """`add_insert` for the Insert of an XLogData frame, read in place by the compiled
-        `stream._tuples.insert_frame`: the frame's WAL end once the row is buffered in the
-        open plain transaction. None, having done nothing, when the compiled helper is not
-        in use or declines (the frame is not one well-formed Insert, no plain transaction
-        is open, the relation was never described): the caller then takes the general path.
-        The caller makes sure no stream block is open (its Inserts carry an xid first)."""
-        open_txn = self._open
-        if open_txn is None or _INSERT_FRAME is None:
-            return None
-        end = _INSERT_FRAME(UNCHANGED, buf, self._relations, open_txn.inserts, RowInsert)
-        if end is None:
-            return None
-        open_txn.rows += 1
-        self._buffered_rows += 1
-        return end
-
     def add_insert_frames(
         self, get_copy_data: GetCopyData, limit: int, *, takes_inserts: bool
     ) -> tuple[int, int, int, bytes | int | None]:
-        """Read frames with `get_copy_data` and buffer each plain Insert as
-        `add_insert_frame` would, up to `limit` of them, with the compiled
-        `stream._tuples.insert_frames` (only when COMPILED_INSERT_FRAMES).
-        `takes_inserts` False (a stream block is open) takes none. Returns the frames
-        taken, their bytes, their highest WAL end (0 if none) and the rest: the first frame
-        not taken (for the general path), get_copy_data's size when it had no frame
-        (<= 0), or None after `limit` frames."""
-        assert _INSERT_FRAMES is not None
+        """Read frames with `get_copy_data` and buffer, up to `limit` of them, each XLogData
+        frame carrying a plain Insert that `add_insert` would take (the message read as
+        `PgOutputDecoder.plain_insert` reads it), with the compiled `stream._tuples.pump`;
+        only when `pumps`. `takes_inserts` False (a stream block is open) takes none. Returns
+        the frames taken, their bytes, their highest WAL end (0 if none) and the rest: the
+        first frame not taken (for the general path), get_copy_data's size when it had no
+        frame (<= 0), or None after `limit` frames."""
+        pump = self._pump
+        if pump is None:
+            raise RuntimeError("add_insert_frames needs the compiled pump (see `pumps`)")
         open_txn = self._open
         inserts = open_txn.inserts if open_txn is not None and takes_inserts else None
-        taken, taken_bytes, end, rest = _INSERT_FRAMES(
-            get_copy_data, limit, UNCHANGED, self._relations, inserts, RowInsert
+        taken, taken_bytes, end, rest = pump(
+            get_copy_data, limit, UNCHANGED, self._relations, inserts
         )
         if taken:
             assert open_txn is not None
@@ -278,13 +276,12 @@ class TransactionAssembler:
         is_row = tag in "IUD"
         if self._open is not None:
             open_txn = self._open
-            match change:
-                case RowInsert():
-                    open_txn.inserts.append(change)
-                case LogicalMessage():
-                    open_txn.messages.append(change)
-                case _:
-                    open_txn.other_changes.append(change)
+            if isinstance(change, tuple):
+                open_txn.inserts.append(change)
+            elif isinstance(change, LogicalMessage):
+                open_txn.messages.append(change)
+            else:
+                open_txn.other_changes.append(change)
             open_txn.rows += is_row
         elif self._block is not None:
             if xid is None:
@@ -354,13 +351,12 @@ class TransactionAssembler:
         other_changes: list[Update | Delete | Truncate] = []
         messages: list[LogicalMessage] = []
         for _, change in streamed.entries:
-            match change:
-                case RowInsert():
-                    inserts.append(change)
-                case LogicalMessage():
-                    messages.append(change)
-                case _:
-                    other_changes.append(change)
+            if isinstance(change, tuple):
+                inserts.append(change)
+            elif isinstance(change, LogicalMessage):
+                messages.append(change)
+            else:
+                other_changes.append(change)
         return CommittedTransaction(
             xid=msg.xid,
             commit_lsn=msg.commit_lsn,
@@ -396,50 +392,23 @@ class TransactionAssembler:
         self._buffered_rows -= dropped_rows
 
 
-def _row_insert(relation: Relation, values: TupleData) -> RowInsert:
-    """`RowInsert(relation, values)` without the frozen-dataclass `__init__` (which goes
-    through `object.__setattr__` per field); equal to it, as the unit tests check."""
-    row = _object_new(RowInsert)
-    _set_row_relation(row, relation)
-    _set_row_values(row, values)
-    return row
-
-
-_object_new: Final = object.__new__
-_set_row_relation: Final = RowInsert.__dict__["relation"].__set__
-_set_row_values: Final = RowInsert.__dict__["values"].__set__
-
-
 def _is_row(change: _Buffered) -> bool:
     return type(change) is not Truncate and type(change) is not LogicalMessage
-
-
-_InsertFrame: TypeAlias = Callable[
-    [Unchanged, bytes, dict[int, Relation], list[RowInsert], type[RowInsert]], int | None
-]
 
 
 GetCopyData: TypeAlias = Callable[[bool], tuple[int, Any]]
 """psycopg's `PGconn.get_copy_data`: `(size, buffer)`; size 0 when no frame is buffered,
 -1 at the end of the copy."""
-_InsertFrames: TypeAlias = Callable[
-    [GetCopyData, int, Unchanged, dict[int, Relation], list[RowInsert] | None, type[RowInsert]],
+_Pump: TypeAlias = Callable[
+    [GetCopyData, int, Unchanged, dict[int, Relation], list[RowInsert] | None],
     tuple[int, int, int, bytes | int | None],
 ]
 
 
-def _compiled_insert_frame() -> tuple[_InsertFrame, _InsertFrames] | None:
-    if pure_python():
-        return None
+def _compiled_pump() -> _Pump | None:
+    """`stream._tuples.pump`, or None when the optional module was not built."""
     try:
-        from stream._tuples import insert_frame, insert_frames
+        from stream._tuples import pump
     except ImportError:
         return None
-    return insert_frame, insert_frames
-
-
-_COMPILED: Final = _compiled_insert_frame()
-_INSERT_FRAME: Final = _COMPILED[0] if _COMPILED else None
-_INSERT_FRAMES: Final = _COMPILED[1] if _COMPILED else None
-COMPILED_INSERT_FRAMES: Final = _COMPILED is not None
-"""Whether `add_insert_frame` can take frames (the compiled helper is built and in use)."""
+    return pump

@@ -1,9 +1,9 @@
-"""The compiled fast path (projections._speedups) against the Python path it stands in for.
+"""The compiled fold (projections._speedups) against the Python path it stands in for.
 
-The same generated rows go through a projector with the fast path and one without; after
+The same generated rows go through a projector with the compiled fold and one without; after
 every row both must report the same outcome and hold the same states, dirty sets, live
-counts and bookkeeping. The generator makes mostly rows the fast path takes (updates of
-records that exist) and every kind it must decline.
+counts and bookkeeping. The generator makes mostly rows the fold takes (updates of records
+that exist) and every kind it must decline.
 """
 
 from __future__ import annotations
@@ -18,22 +18,29 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from core import instants
 from core.lsn import Lsn
 from core.sync_changes import COLUMNS
-from projections import fastpath
+from projections import decode, fastpath, merge
+from projections import projector as projector_module
 from projections.decode import Value
-from projections.merge import RecordState
-from projections.projector import Outcome, Projector
-from projections.stores import SnapshotStore
+from projections.projector import Outcome
+from projections.stores import SnapshotStore, StateTable
 from stream.pgoutput import UNCHANGED, TupleData
-from stream.speedups import pure_python
 from stream.transactions import CommittedTransaction, RowInsert
-from tests.unit.test_projector import ITEMS, NAMES, SYNC  # sync_changes as pgoutput has it
+from tests.unit.test_projector import (  # sync_changes as pgoutput has it, and the readers
+    ITEMS,
+    NAMES,
+    SYNC,
+    outcome_of,
+    projector,
+    store_of,
+)
 
 IN_ORDER = tuple(range(len(COLUMNS)))
 
 needs_fast_path = pytest.mark.skipif(
-    fastpath.APPLY is None, reason="projections._speedups is not built (no C compiler)"
+    fastpath.compiled_fold() is None, reason="projections._speedups is not built (no C compiler)"
 )
 
 
@@ -43,9 +50,8 @@ def test_the_fast_path_is_built_where_a_compiler_is() -> None:
     compiler = str(sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine")
-    if pure_python():
-        pytest.skip("MISSION_RUNNER_PURE_PYTHON is set")
-    assert fastpath.APPLY is not None
+    assert fastpath.compiled_fold() is not None
+    assert projector(True).compiled and not projector(False).compiled
 
 
 @pytest.mark.parametrize("module", ["projections._speedups", "stream._tuples"])
@@ -59,17 +65,8 @@ def test_a_compiled_module_in_the_tree_is_not_older_than_its_source(module: str)
     source = Path(spec.origin).parent / (module.rsplit(".", 1)[1] + ".c")
     if not source.exists():
         pytest.skip(f"{module} is installed without its source")
-    header = Path(__file__).parents[2] / "stream" / "_slots.h"  # both modules include it
     built = Path(spec.origin).stat().st_mtime
-    for path in (source, header):
-        assert built >= path.stat().st_mtime, f"{spec.origin} is older than {path}"
-
-
-@needs_fast_path
-def test_the_fast_path_reads_the_slots_directly() -> None:
-    from projections import _speedups
-
-    assert all(offset > 0 for offset in _speedups.slot_offsets())
+    assert built >= source.stat().st_mtime, f"{spec.origin} is older than {source}"
 
 
 STAMPS: list[object] = [
@@ -190,41 +187,84 @@ def _stamp_text(entry: object) -> str | None:
     return entry if isinstance(entry, str) else None
 
 
+def counting_fold() -> tuple[fastpath.Fold, list[bytes]]:
+    """A compiled fold whose `loads` records each text it parses: the ones the fold did not
+    read in place."""
+    from projections._speedups import Fold
+
+    parsed: list[bytes] = []
+
+    def loads(text: bytes) -> object:
+        parsed.append(text)
+        return orjson.loads(text)
+
+    fold: fastpath.Fold = Fold(
+        loads=loads,
+        created_at_us=decode._created_at_us,
+        parse_stamp=instants.parse_stamp_text,
+        unstamped=merge.UNSTAMPED,
+        max_stamp_len=instants.MAX_STAMP_LEN,
+        record_state=merge.RecordState,
+    )
+    return fold, parsed
+
+
+def fold_insert(fold: fastpath.Fold, meta: bytes) -> tuple[int, StateTable]:
+    """One insert of a new mission with `meta` as its field_meta, folded into new tables:
+    how far the fold got (1: taken) and the missions' table."""
+    missions, agents = StateTable(), StateTable()
+    row = (b"e1", b"ai", b"aiMissions", b"m1", b"u1", b"insert", b'{"title": "x", "n": 1}',
+           meta, CREATED[0])  # fmt: skip
+    rows: list[tuple[None, tuple[Value, ...]]] = [(None, row)]
+    done = fold(rows, 0, 1, lambda _: IN_ORDER, missions, agents, [], [], Lsn(1), 1)
+    return done[0], missions
+
+
+META_FIELDS = {name: i for i, name in enumerate([*FIELDS, "at", "tit\u00e9", "", 'a"b', "a\\b"])}
+
+
 @needs_fast_path
 @settings(max_examples=2000, deadline=None)
-@given(meta_texts())
-def test_field_meta_read_in_place_agrees_with_orjson(text: bytes) -> None:
-    from projections import _speedups
-
-    scanned = _speedups.scan_field_meta(text)
-    if scanned is None:
-        return  # left to orjson
-    parsed = orjson.loads(text)  # whatever the scanner takes, orjson takes...
-    assert isinstance(parsed, dict)
-    # ... and reads the same stamp text for every field (the last of duplicate names).
-    assert scanned == {k: _stamp_text(v) for k, v in parsed.items()}
+@given(meta_texts(), st.sampled_from([b"update", b"insert"]))
+def test_field_meta_read_in_place_merges_as_orjson_reads_it(text: bytes, op: bytes) -> None:
+    # Every name field_meta may hold is a field of the row, so the stamp text the fold
+    # reads for each (in place, or from orjson when the scanner is not sure) shows in the
+    # merge keys; the Python path reads every text with orjson.
+    fast, slow = projector(True), projector(False)
+    create = (b"e0", b"ai", b"aiMissions", b"m1", b"u1", b"insert", b'{"title": "a"}', b"{}",
+              CREATED[0])  # fmt: skip
+    change = (b"e1", b"ai", b"aiMissions", b"m1", b"u1", op, orjson.dumps(META_FIELDS), text,
+              CREATED[1])  # fmt: skip
+    results = []
+    for p in (fast, slow):
+        outcome = Outcome()
+        p.apply_loaded([create, change], IN_ORDER, Lsn(10), 20, outcome)
+        results.append(outcome_of(outcome))
+    assert results[0] == results[1]
+    assert store_of(fast.missions) == store_of(slow.missions)
 
 
 @needs_fast_path
 def test_field_meta_as_the_server_sends_it_is_read_in_place() -> None:
-    # jsonb's text output and orjson's: the fast path must not quietly hand these to orjson.
-    from projections import _speedups
-
+    # jsonb's text output and orjson's: the fold must not quietly hand these to orjson.
     jsonb_text = (
         b'{"title": {"at": "2026-11-22T23:12:30.831Z", "actor": {"kind": "user"},'
         b' "origin": "user"}, "cadence": "2026-11-22T23:12:30.831Z", "n": [1, -2.5, null]}'
     )
-    assert _speedups.scan_field_meta(jsonb_text) == {
-        "title": "2026-11-22T23:12:30.831Z",
-        "cadence": "2026-11-22T23:12:30.831Z",
-        "n": None,
-    }
-    assert _speedups.scan_field_meta(orjson.dumps(orjson.loads(jsonb_text))) is not None
-    assert _speedups.scan_field_meta(b"{}") == {}
+    in_place = [jsonb_text, orjson.dumps(orjson.loads(jsonb_text)), b"{}"]
     # Escapes, non-ASCII, exponents and deep nesting are orjson's.
     deep = b'{"n": ' + b"[" * 2000 + b"]" * 2000 + b"}"  # orjson: too deep
-    for text in (b'{"t\\u0069tle": "x"}', '{"é": "x"}'.encode(), b'{"n": 1e3}', deep):
-        assert _speedups.scan_field_meta(text) is None
+    for_orjson = [b'{"t\\u0069tle": "x"}', '{"é": "x"}'.encode(), b'{"n": 1e3}', deep]
+    for text in in_place + for_orjson:
+        fold, parsed = counting_fold()
+        taken, missions = fold_insert(fold, text)
+        assert (text in parsed) == (text in for_orjson), text
+        assert taken == (text is not deep)  # orjson rejects that one: the Python path's
+    taken, missions = fold_insert(counting_fold()[0], jsonb_text)
+    state = missions.states[("u1", "m1")]
+    stamp = instants.parse_stamp_text("2026-11-22T23:12:30.831Z")
+    assert state.keys["title"] == merge.make_key(stamp, merge.key_created(state.keys["n"]), "e1")
+    assert (missions.live, list(missions.dirty.values())) == (1, [state])
 
 
 @needs_fast_path
@@ -313,45 +353,6 @@ def rows(draw: st.DrawFn) -> tuple[Value, ...]:
     return tuple(columns)
 
 
-def projector(fast: bool) -> Projector:
-    return Projector(missions=SnapshotStore("mission"), agents=SnapshotStore("agent"), fast=fast)
-
-
-def state_of(s: RecordState) -> tuple[object, ...]:
-    return (
-        s.user_id,
-        s.record_id,
-        s.exists,
-        s.deleted,
-        s.values,
-        list(s.values),  # field order too: serialisation follows it
-        s.keys,
-        s.last_lsn,
-        s.last_applied_us,
-    )
-
-
-def store_of(store: SnapshotStore) -> tuple[object, ...]:
-    return (
-        sorted(state_of(s) for s in store),  # type: ignore[type-var]
-        store.live_count(),
-        [(s.user_id, s.record_id) for s in store.take_dirty()],
-    )
-
-
-def outcome_of(o: Outcome) -> tuple[object, ...]:
-    return (
-        o.mission_rows,
-        o.agent_rows,
-        o.foreign_rows,
-        o.invalid_stamps,
-        o.new_records,
-        o.changed_missions,
-        o.changed_agents,
-        [(d.lsn, d.event_id, d.reason, d.raw) for d in o.dead_letters],
-    )
-
-
 @needs_fast_path
 @settings(max_examples=300, deadline=None)
 @given(st.lists(rows(), min_size=1, max_size=30), st.integers(0, 3))
@@ -359,7 +360,7 @@ def test_the_fast_path_does_what_the_python_path_does(
     batch: list[tuple[Value, ...]], dirty_every: int
 ) -> None:
     fast, slow = projector(True), projector(False)
-    assert fast._fast is not None and slow._fast is None
+    assert fast.compiled and not slow.compiled
     for i, columns in enumerate(batch):
         lsn = Lsn(1000 + i)
         commit_us = 1_776_000_000_000_000 + i
@@ -369,6 +370,8 @@ def test_the_fast_path_does_what_the_python_path_does(
             p.apply_loaded([columns], IN_ORDER, lsn, commit_us, outcome)
             results.append(outcome_of(outcome))
         assert results[0] == results[1], columns
+        for store in (fast.missions, fast.agents):
+            assert_table_contract(store)
         if dirty_every and i % dirty_every == 0:
             # The persister takes dirty states now and then; both must agree after it.
             assert store_of(fast.missions) == store_of(slow.missions)
@@ -377,18 +380,30 @@ def test_the_fast_path_does_what_the_python_path_does(
     assert store_of(fast.agents) == store_of(slow.agents)
 
 
+def assert_table_contract(store: SnapshotStore) -> None:
+    """What StateTable promises, which the fold must keep as the store's methods do."""
+    table = store.table
+    assert all(key == (s.user_id, s.record_id) for key, s in table.states.items())
+    assert all(table.states.get(key) is s for key, s in table.dirty.items())
+    assert table.live == sum(store.is_live(s) for s in table.states.values())
+
+
+@pytest.fixture
+def python_rows(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Value, ...]]:
+    """The rows the projector hands to the Python path (the ones the fold declines)."""
+    seen: list[tuple[Value, ...]] = []
+
+    def spy(columns: tuple[Value, ...]) -> object:
+        seen.append(columns)
+        return decode.decode_columns(columns)
+
+    monkeypatch.setattr(projector_module, "decode_columns", spy)
+    return seen
+
+
 @needs_fast_path
-def test_the_common_row_takes_the_fast_path() -> None:
-    taken = []
-
-    def counting(*args: object) -> int | None:
-        assert fastpath.APPLY is not None
-        code = fastpath.APPLY(*args)
-        taken.append(code is not None)
-        return code
-
+def test_the_common_row_takes_the_fast_path(python_rows: list[tuple[Value, ...]]) -> None:
     p = projector(True)
-    p._fast = counting
     insert = (b"e1", b"ai", b"aiMissions", b"m1", b"u1", b"insert",
               b'{"title": "a"}', b"{}", CREATED[0])  # fmt: skip
     update = (b"e2", b"ai", b"aiMissions", b"m1", b"u1", b"update",
@@ -399,8 +414,8 @@ def test_the_common_row_takes_the_fast_path() -> None:
              CREATED[0])  # fmt: skip
     outcome = Outcome()
     p.apply_loaded([insert, update, stale], IN_ORDER, Lsn(5), 7, outcome)
-    # The insert creates the record, the updates change it: all on the fast path.
-    assert taken == [True, True, True]
+    # The insert creates the record, the updates change it: all in the fold.
+    assert python_rows == []
     state = p.missions.get("u1", "m1")
     assert state is not None and state.values == {"title": "b"}
     assert state.last_lsn == Lsn(5) and state.last_applied_us == 7
@@ -409,7 +424,9 @@ def test_the_common_row_takes_the_fast_path() -> None:
 
 
 @needs_fast_path
-def test_an_agent_row_that_sets_deleted_at_is_declined() -> None:
+def test_an_agent_row_that_sets_deleted_at_is_declined(
+    python_rows: list[tuple[Value, ...]],
+) -> None:
     p = projector(True)
     create = (b"e1", b"ai", b"agents", b"a1", b"u1", b"insert",
               b'{"name": "x"}', b"{}", CREATED[0])  # fmt: skip
@@ -417,12 +434,9 @@ def test_an_agent_row_that_sets_deleted_at_is_declined() -> None:
               b'{"deletedAt": "2026-04-15T02:00:00Z"}',
               b'{"deletedAt": {"at": "2026-04-15T02:00:00Z"}}', CREATED[0])  # fmt: skip
     p.apply_loaded([create], IN_ORDER, Lsn(1), 1, Outcome())
-    assert p.agents.live_count() == 1
-    assert fastpath.APPLY is not None
-    m_states, m_dirty = p.missions.fast_path_parts()
-    a_states, a_dirty = p.agents.fast_path_parts()
-    assert fastpath.APPLY(retire, m_states, m_dirty, [], a_states, a_dirty, [], Lsn(2), 2) is None
+    assert p.agents.live_count() == 1 and python_rows == []
     p.apply_loaded([retire], IN_ORDER, Lsn(2), 2, Outcome())
+    assert python_rows == [retire]
     assert p.agents.live_count() == 0
 
 
@@ -433,8 +447,8 @@ def _as_sync_tuple(columns: tuple[Value, ...]) -> TupleData:
 
 INSERTS = st.lists(
     st.one_of(
-        rows().map(lambda c: RowInsert(SYNC, _as_sync_tuple(c))),
-        st.just(RowInsert(ITEMS, (b"1",))),
+        rows().map(lambda c: (SYNC, _as_sync_tuple(c))),
+        st.just((ITEMS, (b"1",))),
     ),
     max_size=40,
 )
@@ -447,7 +461,6 @@ def test_the_compiled_transaction_loop_does_what_the_python_path_does(
     transactions: list[list[RowInsert]],
 ) -> None:
     fast, slow = projector(True), projector(False)
-    assert fast._fast_inserts is not None and slow._fast_inserts is None
     for n, inserts in enumerate(transactions):
         commit = Lsn(100 * (n + 1))
         tx = CommittedTransaction(
@@ -469,3 +482,39 @@ def test_the_compiled_transaction_loop_does_what_the_python_path_does(
         assert results[0] == results[1]
         assert store_of(fast.missions) == store_of(slow.missions)
         assert store_of(fast.agents) == store_of(slow.agents)
+
+
+class _Stamp:
+    """An object stamp as a typed decoder makes it: its `at` alone."""
+
+    def __init__(self, at: object) -> None:
+        self.at = at
+
+
+def _typed_meta(text: bytes) -> dict[str, object]:
+    """A field_meta decoder of the shape `meta_loads` takes: string stamps as they are,
+    object stamps as `_Stamp`; anything else raises (the fold's `loads` then parses it)."""
+    parsed = orjson.loads(text)
+    if not isinstance(parsed, dict) or not all(isinstance(v, str | dict) for v in parsed.values()):
+        raise TypeError("not a field_meta of stamps")
+    return {k: v if isinstance(v, str) else _Stamp(v.get("at")) for k, v in parsed.items()}
+
+
+@needs_fast_path
+@settings(max_examples=500, deadline=None)
+@given(meta_texts(), st.sampled_from([b"update", b"insert"]))
+def test_a_fold_with_meta_loads_merges_as_the_python_path(text: bytes, op: bytes) -> None:
+    # `meta_loads` (what bench/stages.py --field-meta measures) stands in for the scanner.
+    fast, slow = projector(True), projector(False)
+    fast._fold = fastpath.compiled_fold(meta_loads=_typed_meta)
+    create = (b"e0", b"ai", b"aiMissions", b"m1", b"u1", b"insert", b'{"title": "a"}', b"{}",
+              CREATED[0])  # fmt: skip
+    change = (b"e1", b"ai", b"aiMissions", b"m1", b"u1", op, orjson.dumps(META_FIELDS), text,
+              CREATED[1])  # fmt: skip
+    results = []
+    for p in (fast, slow):
+        outcome = Outcome()
+        p.apply_loaded([create, change], IN_ORDER, Lsn(10), 20, outcome)
+        results.append(outcome_of(outcome))
+    assert results[0] == results[1]
+    assert store_of(fast.missions) == store_of(slow.missions)

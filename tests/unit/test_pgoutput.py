@@ -37,9 +37,9 @@ from stream.pgoutput import (
     Unchanged,
     Update,
     _compile_columns,
-    _compiled_plain_insert,
-    _plain_insert_py,
+    _plain_insert,
 )
+from stream.transactions import CommittedTransaction, TransactionAssembler
 from tests.data.capture_pgoutput import SYNC_ROWS, load_capture
 
 LSN = Lsn(0x1_0000_0000)
@@ -437,7 +437,7 @@ def test_plain_insert_declines_what_decode_must_handle() -> None:
     assert decoder.plain_insert(payload.replace(b"N", b"X", 1), 0) is None
     assert decoder.plain_insert(b"U" + payload[1:], 0) is None
     wide = _insert([b"1"] * 1663)
-    assert _plain_insert_py(wide, 0) is None  # no parser compiled for the width yet
+    assert _plain_insert(wide, 0) is None  # no parser compiled for the width yet
     assert decoder.plain_insert(wide, 0) in (None, (16385, (b"1",) * 1663))
     assert decoder.plain_insert(b"", 0) is None
     decoder.decode(START, LSN)
@@ -455,30 +455,59 @@ def test_plain_insert_never_raises(buf: bytes) -> None:
 
 
 # --- the compiled Insert path (stream._tuples) against the Python one -----------------
+# The compiled reader of an Insert is reached through its one entry point, the frame loop:
+# each message goes into an XLogData frame, pumped into a plain transaction whose relation
+# is described.
 
-_compiled = _compiled_plain_insert()
-needs_compiled = pytest.mark.skipif(_compiled is None, reason="stream._tuples is not built")
+needs_compiled = pytest.mark.skipif(
+    not TransactionAssembler().pumps, reason="stream._tuples is not built"
+)
 
 
-def _both(buf: bytes, pos: int) -> tuple[object, object]:
-    assert _compiled is not None
-    return _compiled(buf, pos), _plain_insert_py(buf, pos)
+def _pumped(payload: bytes) -> tuple[int, TupleData] | None:
+    """The Insert message `payload` as the compiled frame loop reads it: its relation OID
+    and values when it takes the frame, None when it hands the frame back."""
+    assembler = TransactionAssembler()
+    oid = struct.unpack_from("!I", payload, 1)[0] if len(payload) >= 5 else 0
+    relation = Relation(None, oid, "public", "t", "d", ())
+    assembler.feed(relation, LSN)
+    assembler.feed(Begin(Lsn(200), 0, 1), LSN)
+    frame = b"w" + struct.pack("!QQq", 0x10, 0x20, 0) + payload
+
+    def get_copy_data(async_: bool) -> tuple[int, memoryview]:
+        return len(frame), memoryview(bytearray(frame))
+
+    taken, taken_bytes, end, rest = assembler.add_insert_frames(
+        get_copy_data, 1, takes_inserts=True
+    )
+    if not taken:
+        assert (taken_bytes, end, rest) == (0, 0, frame)
+        return None
+    assert (taken, taken_bytes, end, rest) == (1, len(frame), 0x20, None)
+    txn = assembler.feed(Commit(0, Lsn(200), Lsn(210), 0), LSN)
+    assert isinstance(txn, CommittedTransaction) and len(txn.inserts) == 1
+    got, values = txn.inserts[0]
+    assert got is relation and type(values) is tuple
+    return oid, values
+
+
+def _both(buf: bytes) -> tuple[object, object]:
+    return _pumped(buf), _plain_insert(buf, 0)
 
 
 @needs_compiled
 @pytest.mark.parametrize("proto", [1, 2])
-def test_compiled_plain_insert_matches_on_captured_messages(proto: int) -> None:
+def test_compiled_insert_reader_matches_on_captured_messages(proto: int) -> None:
     for d in DECODED[proto]:
         if type(d.message) is Insert:  # the Python path needs the width's parser compiled
             width = len(d.message.new)
             _COMPILED.setdefault(width, _compile_columns(width))
     for d in DECODED[proto]:
         payload = d.frame.payload
-        for buf, pos in ((payload, 0), (bytes(25) + payload, 25)):
-            c, py = _both(buf, pos)
-            assert c == py
-            for cut in range(pos, len(buf)):  # every truncation
-                assert _both(buf[:cut], pos) == (None, None)
+        c, py = _both(payload)
+        assert c == py
+        for cut in range(len(payload)):  # every truncation
+            assert _both(payload[:cut]) == (None, None)
 
 
 VALUE = st.one_of(st.binary(max_size=6), st.none(), st.just(UNCHANGED))
@@ -487,22 +516,22 @@ VALUE = st.one_of(st.binary(max_size=6), st.none(), st.just(UNCHANGED))
 @needs_compiled
 @settings(max_examples=500)
 @given(st.lists(VALUE, max_size=12), st.data())
-def test_compiled_plain_insert_matches_on_generated_and_damaged_messages(
+def test_compiled_insert_reader_matches_on_generated_and_damaged_messages(
     values: list[bytes | Unchanged | None], data: st.DataObject
 ) -> None:
     payload = _insert(values)
     _COMPILED.setdefault(len(values), _compile_columns(len(values)))  # for the Python path
-    c, py = _both(payload, 0)
+    c, py = _both(payload)
     assert c == py == (16385, tuple(values))
     # Damage one byte, or cut, or extend: both decline alike or read alike.
     i = data.draw(st.integers(0, len(payload) - 1))
     byte = data.draw(st.integers(0, 255))
     damaged = payload[:i] + bytes([byte]) + payload[i + 1 :]
-    c, py = _both(damaged, 0)
+    c, py = _both(damaged)
     assert c == _decoded_insert(damaged)  # `decode` is the definition of a message
     if py is not None:
         assert c == py
-    assert _both(payload + data.draw(st.binary(min_size=1, max_size=3)), 0) == (None, None)
+    assert _both(payload + data.draw(st.binary(min_size=1, max_size=3))) == (None, None)
 
 
 def _decoded_insert(buf: bytes) -> tuple[int, TupleData] | None:
@@ -518,20 +547,16 @@ def _decoded_insert(buf: bytes) -> tuple[int, TupleData] | None:
 
 @needs_compiled
 @given(st.binary(max_size=80))
-def test_compiled_plain_insert_never_raises(buf: bytes) -> None:
-    assert _compiled is not None
+def test_compiled_insert_reader_never_raises(buf: bytes) -> None:
     for prefix in (b"", b"I", b"I" + struct.pack("!IcH", 7, b"N", 3)):
-        got = _compiled(prefix + buf, 0)
+        got = _pumped(prefix + buf)
         assert got == _decoded_insert(prefix + buf)
 
 
 @needs_compiled
-def test_compiled_plain_insert_reads_binary_and_unchanged_columns() -> None:
-    assert _compiled is not None
+def test_compiled_insert_reader_reads_binary_and_unchanged_columns() -> None:
     head = b"I" + struct.pack("!I", 16385) + b"N" + struct.pack("!H", 3)
     payload = head + b"b" + struct.pack("!I", 3) + b"a\x00c" + b"u" + b"n"
-    assert (
-        _compiled(payload, 0) == _decoded_insert(payload) == (16385, (b"a\x00c", UNCHANGED, None))
-    )
+    assert _pumped(payload) == _decoded_insert(payload) == (16385, (b"a\x00c", UNCHANGED, None))
     for kind in b"xTN\x00":  # not a column kind
-        assert _compiled(head + bytes([kind]) + b"un", 0) is None
+        assert _pumped(head + bytes([kind]) + b"un") is None

@@ -1,15 +1,19 @@
 """The projector on hand-built transactions: routing, counting, dead letters, bookkeeping,
-skipping what was applied, and agreement with decoding and merging row by row."""
+skipping what was applied, agreement with decoding and merging row by row, and application
+in steps against application whole; with the compiled fold (when built) and without."""
 
 from __future__ import annotations
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.lsn import Lsn
 from core.sync_changes import COLUMNS
+from projections import fastpath
 from projections.decode import column_indexes, decode_row
+from projections.merge import RecordState
 from projections.projector import Outcome, Projector
 from projections.rows import ChangeRow
 from projections.stores import SnapshotStore
@@ -87,23 +91,77 @@ def tx(rows: list[RowInsert], commit: int = 100) -> CommittedTransaction:
     )
 
 
-def projector() -> Projector:
-    return Projector(missions=SnapshotStore("mission"), agents=SnapshotStore("agent"))
+def projector(compiled: bool = True) -> Projector:
+    return Projector(
+        missions=SnapshotStore("mission"), agents=SnapshotStore("agent"), compiled=compiled
+    )
 
 
-def test_a_transaction_of_every_kind_of_row() -> None:
-    p = projector()
+def state_of(s: RecordState) -> tuple[object, ...]:
+    return (
+        s.user_id,
+        s.record_id,
+        s.exists,
+        s.deleted,
+        s.values,
+        list(s.values),  # field order too: serialisation follows it
+        s.keys,
+        s.last_lsn,
+        s.last_applied_us,
+    )
+
+
+def store_of(store: SnapshotStore) -> tuple[object, ...]:
+    """Everything a store holds; takes its dirty states."""
+    return (
+        sorted(state_of(s) for s in store),  # type: ignore[type-var]
+        store.live_count(),
+        [(s.user_id, s.record_id) for s in store.take_dirty()],
+    )
+
+
+def outcome_of(o: Outcome) -> tuple[object, ...]:
+    return (
+        o.mission_rows,
+        o.agent_rows,
+        o.foreign_rows,
+        o.invalid_stamps,
+        o.new_records,
+        o.changed_missions,
+        o.changed_agents,
+        [(d.lsn, d.event_id, d.reason, d.raw) for d in o.dead_letters],
+    )
+
+
+PATHS = pytest.mark.parametrize(
+    "compiled",
+    [
+        pytest.param(
+            True,
+            id="compiled",
+            marks=pytest.mark.skipif(
+                fastpath.compiled_fold() is None, reason="projections._speedups is not built"
+            ),
+        ),
+        pytest.param(False, id="python"),
+    ],
+)
+
+
+@PATHS
+def test_a_transaction_of_every_kind_of_row(compiled: bool) -> None:
+    p = projector(compiled)
     out = p.apply_transaction(
         tx(
             [
-                RowInsert(SYNC, values(1, op=b"insert")),
-                RowInsert(ITEMS, (b"1",)),  # another table of the publication
-                RowInsert(SYNC, values(2, app=b"notes")),  # another app
-                RowInsert(SYNC, values(3, table=b"agents", record=b"a1")),
-                RowInsert(SYNC, values(4, data=[1])),  # data not an object: dead letter
-                RowInsert(SYNC, values(5, stamp="yesterday")),  # invalid stamp, applied
-                RowInsert(SYNC, values(6, record=b"m2")),
-                RowInsert(SYNC, values(1, op=b"insert")),  # a replay changes nothing
+                (SYNC, values(1, op=b"insert")),
+                (ITEMS, (b"1",)),  # another table of the publication
+                (SYNC, values(2, app=b"notes")),  # another app
+                (SYNC, values(3, table=b"agents", record=b"a1")),
+                (SYNC, values(4, data=[1])),  # data not an object: dead letter
+                (SYNC, values(5, stamp="yesterday")),  # invalid stamp, applied
+                (SYNC, values(6, record=b"m2")),
+                (SYNC, values(1, op=b"insert")),  # a replay changes nothing
             ]
         )
     )
@@ -120,20 +178,22 @@ def test_a_transaction_of_every_kind_of_row() -> None:
     assert state is not None and state.values == {"title": "t1"}
     assert (state.last_lsn, state.last_applied_us) == (Lsn(100), 7)
     assert (p.applied_lsn, p.applied_commit_time_us) == (Lsn(110), 7)
-    assert p.apply_transaction(tx([RowInsert(SYNC, values(9))], commit=105)) is None
+    assert p.apply_transaction(tx([(SYNC, values(9))], commit=105)) is None
     assert p.apply_transaction(tx([], commit=110)) is not None  # starts at the end: new
 
 
-def test_a_relation_without_the_columns_we_read_is_foreign() -> None:
+@PATHS
+def test_a_relation_without_the_columns_we_read_is_foreign(compiled: bool) -> None:
     narrow = Relation(None, 16400, "public", "sync_changes", "d", SYNC.columns[:5])
-    out = projector().apply_transaction(tx([RowInsert(narrow, values(1)[:5])]))
+    out = projector(compiled).apply_transaction(tx([(narrow, values(1)[:5])]))
     assert out is not None and out.foreign_rows == 1 and out.rows == 0
 
 
-def test_a_changed_relation_is_read_with_its_new_layout() -> None:
+@PATHS
+def test_a_changed_relation_is_read_with_its_new_layout(compiled: bool) -> None:
     moved = Relation(None, 16400, "public", "sync_changes", "d", SYNC.columns[::-1])
-    p = projector()
-    p.apply_transaction(tx([RowInsert(SYNC, values(1)), RowInsert(moved, values(2)[::-1])]))
+    p = projector(compiled)
+    p.apply_transaction(tx([(SYNC, values(1)), (moved, values(2)[::-1])]))
     state = p.missions.get("u1", "m1")
     assert state is not None and state.values == {"title": "t2"}
 
@@ -155,11 +215,12 @@ ROW = st.builds(
 )
 
 
-@settings(max_examples=200)
+@PATHS
+@settings(max_examples=200, deadline=None)
 @given(st.lists(ROW, max_size=12))
-def test_equals_decoding_and_merging_row_by_row(rows: list[TupleData]) -> None:
-    p = projector()
-    out = p.apply_transaction(tx([RowInsert(SYNC, r) for r in rows]))
+def test_equals_decoding_and_merging_row_by_row(compiled: bool, rows: list[TupleData]) -> None:
+    p = projector(compiled)
+    out = p.apply_transaction(tx([(SYNC, r) for r in rows]))
     missions = SnapshotStore("mission")
     expected = Outcome()
     for r in rows:
@@ -182,11 +243,83 @@ def test_equals_decoding_and_merging_row_by_row(rows: list[TupleData]) -> None:
     )
 
 
-def test_loaded_rows_in_columns_order() -> None:
-    p = projector()
+@PATHS
+def test_loaded_rows_in_columns_order(compiled: bool) -> None:
+    p = projector(compiled)
     out = Outcome()
     loaded = [tuple(v[i] for i in IDX) for v in (values(1), values(2, app=b"x"))]
     p.apply_loaded(loaded, tuple(range(len(COLUMNS))), Lsn(50), 3, out)
     assert (out.mission_rows, out.foreign_rows, out.changed_missions) == (1, 1, [("u1", "m1")])
     state = p.missions.get("u1", "m1")
     assert state is not None and (state.last_lsn, state.last_applied_us) == (Lsn(50), 3)
+
+
+# --- application in steps ----------------------------------------------------------------
+
+INSERTED = st.one_of(
+    ROW.map(lambda r: (SYNC, r)),
+    st.builds(
+        lambda event, op: (SYNC, values(event, table=b"agents", record=b"a1", op=op)),
+        st.integers(0, 50),
+        st.sampled_from([b"insert", b"update", b"delete"]),
+    ),
+    st.just((ITEMS, (b"1",))),  # another table of the publication
+    st.just((SYNC, values(99, data=[1]))),  # a dead letter
+)
+
+
+@PATHS
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(INSERTED, max_size=25), min_size=1, max_size=4),
+    st.lists(st.integers(1, 6), min_size=1, max_size=5),
+)
+def test_applying_in_steps_equals_applying_whole(
+    compiled: bool, transactions: list[list[RowInsert]], steps: list[int]
+) -> None:
+    whole, stepped = projector(compiled), projector(compiled)
+    for n, rows in enumerate(transactions):
+        t = tx(rows, commit=100 * (n + 1))
+        expected = whole.apply_transaction(t)
+        assert expected is not None
+        before = (stepped.applied_lsn, stepped.applied_commit_time_us)
+        applying = stepped.start(t)
+        assert applying is not None
+        taken = 0
+        for i in range(len(rows) + 1):
+            size = steps[i % len(steps)]
+            done = applying.step(size)
+            taken = min(len(rows), taken + size)
+            assert applying.rows_left == len(rows) - taken
+            assert done == (taken == len(rows)) == applying.done
+            if done:
+                break
+            # The position stays before the transaction until its last step.
+            assert (stepped.applied_lsn, stepped.applied_commit_time_us) == before
+            with pytest.raises(RuntimeError):
+                stepped.start(t)
+        assert done and applying.step(1)  # a finished one stays finished
+        assert outcome_of(applying.outcome) == outcome_of(expected)
+        assert (stepped.applied_lsn, stepped.applied_commit_time_us) == (t.end_lsn, 7)
+        assert stepped.start(t) is None and stepped.apply_transaction(t) is None
+        assert store_of(stepped.missions) == store_of(whole.missions)
+        assert store_of(stepped.agents) == store_of(whole.agents)
+
+
+@PATHS
+def test_a_transaction_in_steps_keeps_the_position_until_its_last_step(compiled: bool) -> None:
+    p = projector(compiled)
+    rows = [(SYNC, values(i, record=f"m{i}".encode(), op=b"insert")) for i in range(5)]
+    applying = p.start(tx(rows, commit=100))
+    assert applying is not None and p.applied_lsn == Lsn(0)
+    assert not applying.step(2) and len(p.missions) == 2
+    assert applying.outcome.changed_missions == [("u1", "m0"), ("u1", "m1")]
+    with pytest.raises(RuntimeError):
+        p.advance(Lsn(500))
+    with pytest.raises(ValueError):
+        applying.step(0)
+    assert not applying.step(2) and applying.step(2)
+    assert (p.applied_lsn, len(p.missions), applying.outcome.new_records) == (Lsn(110), 5, 5)
+    empty = p.start(tx([], commit=110))
+    assert empty is not None and empty.rows_left == 0 and empty.step(1)
+    assert empty.outcome == Outcome() and p.applied_lsn == Lsn(120)

@@ -1,5 +1,7 @@
 """The frame reader: its fused Insert path against the general path (frame codec, decoder,
-assembler one after the other) on captured streams, corrupted frames and protocol errors."""
+assembler one after the other) on captured streams, corrupted frames and protocol errors;
+pumping frames (the compiled frame loop, when built, and the Python one) against feeding
+them one by one."""
 
 from __future__ import annotations
 
@@ -12,8 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.lsn import Lsn
-from stream import reader as reader_module
-from stream import transactions
 from stream.errors import DecodeError
 from stream.frames import XLOG_PAYLOAD_AT, PrimaryKeepalive, XLogData, parse_frame
 from stream.pgoutput import PgOutputDecoder
@@ -48,16 +48,18 @@ class Outcome:
     error: tuple[str, int | None, str | None] | None
 
 
-@pytest.fixture(autouse=True, scope="module", params=["compiled", "python"])
-def fused_path(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs on both fused Insert paths: the compiled one (when built) and
-    the Python one (`plain_insert` + `add_insert`)."""
-    if request.param == "compiled" and not transactions.COMPILED_INSERT_FRAMES:
+@pytest.fixture(scope="module", params=["compiled", "python"])
+def compiled(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """The pump tests run on both frame loops: the compiled one (when built) and the Python
+    one (a frame at a time through `feed`)."""
+    if request.param == "compiled" and not FrameReader(2).compiled:
         pytest.skip("stream._tuples is not built")
-    saved = reader_module.COMPILED_INSERT_FRAMES
-    reader_module.COMPILED_INSERT_FRAMES = request.param == "compiled"  # type: ignore[misc]
-    yield request.param
-    reader_module.COMPILED_INSERT_FRAMES = saved  # type: ignore[misc]
+    yield request.param == "compiled"
+
+
+def test_the_compiled_frame_loop_is_used_only_when_asked_for() -> None:
+    assert not FrameReader(2, compiled=False).compiled
+    assert FrameReader(2).compiled == TransactionAssembler().pumps
 
 
 def run(feed: object, buf: bytes) -> Outcome:
@@ -106,8 +108,10 @@ def test_the_fused_path_carries_the_plain_inserts(monkeypatch: pytest.MonkeyPatc
     assert not set(plain) & set(parsed) and len(plain) >= 10
 
 
-def _prefix_until(proto: int, index: int) -> tuple[FrameReader, GeneralPath]:
-    reader, general = FrameReader(proto), GeneralPath(proto)
+def _prefix_until(
+    proto: int, index: int, compiled: bool = False
+) -> tuple[FrameReader, GeneralPath]:
+    reader, general = FrameReader(proto, compiled=compiled), GeneralPath(proto)
     for buf in CAPTURES[proto][:index]:
         reader.feed(buf)
         general.feed(buf)
@@ -305,18 +309,36 @@ LIMITS = st.lists(st.integers(1, 12), min_size=1, max_size=5)
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from([1, 2]), LIMITS, st.frozensets(st.integers(0, 120)))
 def test_pumping_gives_what_feeding_gives(
-    proto: int, limits: list[int], empty: frozenset[int]
+    compiled: bool, proto: int, limits: list[int], empty: frozenset[int]
 ) -> None:
     frames = CAPTURES[proto]
-    assert pumped(FrameReader(proto), CopyData(frames, empty), limits) == fed(
-        FrameReader(proto), frames
+    reader = FrameReader(proto, compiled=compiled)
+    assert reader.compiled == compiled
+    assert pumped(reader, CopyData(frames, empty), limits) == fed(
+        FrameReader(proto, compiled=False), frames
     )
+
+
+@pytest.mark.parametrize("proto", [1, 2])
+def test_pumping_truncated_and_extended_inserts_fails_like_feeding(
+    compiled: bool, proto: int
+) -> None:
+    for index in INSERTS[proto][:4]:
+        buf = CAPTURES[proto][index]
+        for bad in [buf[:cut] for cut in range(XLOG_PAYLOAD_AT + 1, len(buf))] + [
+            buf + b"\x00",
+            buf + b"t",
+        ]:
+            frames = [*CAPTURES[proto][:index], bad, *CAPTURES[proto][index + 1 :]]
+            assert pumped(FrameReader(proto, compiled=compiled), CopyData(frames), [50]) == fed(
+                FrameReader(proto, compiled=False), frames
+            )
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.data(), LIMITS)
 def test_pumping_corrupted_inserts_fails_like_feeding(
-    data: st.DataObject, limits: list[int]
+    compiled: bool, data: st.DataObject, limits: list[int]
 ) -> None:
     proto = data.draw(st.sampled_from([1, 2]))
     index = data.draw(st.sampled_from(INSERTS[proto]))
@@ -326,19 +348,24 @@ def test_pumping_corrupted_inserts_fails_like_feeding(
         at = data.draw(st.integers(XLOG_PAYLOAD_AT + 1, len(buf) - 1))
         buf[at] = data.draw(st.integers(0, 255))
     frames[index] = bytes(buf)
-    assert pumped(FrameReader(proto), CopyData(frames), limits) == fed(FrameReader(proto), frames)
+    reader = FrameReader(proto, compiled=compiled)
+    assert pumped(reader, CopyData(frames), limits) == fed(
+        FrameReader(proto, compiled=False), frames
+    )
 
 
 @pytest.mark.parametrize("proto", [1, 2])
-def test_a_connection_failing_while_pumping_raises_and_keeps_what_was_taken(proto: int) -> None:
+def test_a_connection_failing_while_pumping_raises_and_keeps_what_was_taken(
+    compiled: bool, proto: int
+) -> None:
     # Fail at the 3rd plain Insert of a run: the frames before it are taken and counted,
     # and the failure comes out of the next call (the connection keeps failing).
     start = next(i for i in INSERTS[proto] if all(i + k in INSERTS[proto] for k in range(3)))
-    reader, general = _prefix_until(proto, start)
+    reader, general = _prefix_until(proto, start, compiled)
     conn = CopyData(CAPTURES[proto], fail_at=start + 2)
     conn.at = start
     taken, taken_bytes, rest = reader.pump(conn, 100)
-    if transactions.COMPILED_INSERT_FRAMES and reader_module.COMPILED_INSERT_FRAMES:
+    if compiled:
         assert (taken, rest) == (2, None)
         assert taken_bytes == sum(len(b) for b in CAPTURES[proto][start : start + 2])
         assert reader.buffered_rows == general.assembler.buffered_rows + 2
@@ -349,9 +376,11 @@ def test_a_connection_failing_while_pumping_raises_and_keeps_what_was_taken(prot
 
 
 @pytest.mark.parametrize("proto", [1, 2])
-def test_pumping_moves_the_received_position_to_the_frames_wal_end(proto: int) -> None:
+def test_pumping_moves_the_received_position_to_the_frames_wal_end(
+    compiled: bool, proto: int
+) -> None:
     index, moved, end = _with_wal_end_moved(proto)
-    reader, general = _prefix_until(proto, index)
+    reader, general = _prefix_until(proto, index, compiled)
     conn = CopyData([moved])
     _, _, rest = reader.pump(conn, 1)
     if rest is not None:  # not taken in place: the caller feeds it

@@ -182,30 +182,6 @@ def test_restore_joins_with_rows_applied_before_the_load() -> None:
     assert again.live_count() == 1
 
 
-def test_merge_in() -> None:
-    store = SnapshotStore("mission")
-    other = RecordState("u1", "m1")
-    assert store.merge_in(other)
-    assert store.get("u1", "m1") is other and store.live_count() == 0
-    store.take_dirty()
-    filled = SnapshotStore("mission")
-    filled.apply(row("insert", {"title": "x"}))
-    full = next(iter(filled))
-    assert store.merge_in(full.copy())
-    assert store.live_count() == 1 and store.dirty_count() == 1
-    store.take_dirty()
-    assert not store.merge_in(full.copy())
-    assert store.dirty_count() == 0
-
-
-def test_mark_dirty_only_for_current_states() -> None:
-    store = SnapshotStore("mission")
-    store.apply(row("insert", {"title": "x"}))
-    taken = store.take_dirty()
-    store.mark_dirty([*taken, RecordState("u1", "ghost")])
-    assert store.take_dirty() == taken
-
-
 # --- properties ------------------------------------------------------------------------------
 
 OPS = st.sampled_from(["insert", "update", "update", "delete"])
@@ -250,20 +226,23 @@ def test_live_count_and_dirty_set_stay_exact(
 ) -> None:
     kind, table = kind_table
     store = SnapshotStore(kind)
+    expected: dict[tuple[str, str], None] = {}  # the keys changed since the last take, in order
     for r in data.draw(rows(table)):
         key = (r.user_id, r.record_id)
         before = store.get(*key)
         snapshot = None if before is None else before.copy()
-        dirty_before = {(s.user_id, s.record_id) for s in store.take_dirty()}
-        store.mark_dirty(s for s in store if (s.user_id, s.record_id) in dirty_before)
         outcome = store.apply(r)
         after = store.get(*key)
         assert after is not None
         assert outcome.changed == (snapshot != after)
-        dirty_now = {(s.user_id, s.record_id) for s in store.take_dirty()}
-        expected = dirty_before | ({key} if outcome.changed else set())
-        assert dirty_now == expected
-        store.mark_dirty(s for s in store if (s.user_id, s.record_id) in dirty_now)
+        if outcome.changed:
+            expected.setdefault(key)
+        assert store.dirty_count() == len(expected)
+        if data.draw(st.booleans()):  # the persister takes the dirty states now and then
+            taken = store.take_dirty()
+            assert [(s.user_id, s.record_id) for s in taken] == list(expected)
+            assert all(store.get(s.user_id, s.record_id) is s for s in taken)
+            expected.clear()
         assert store.live_count() == recount(store)
 
 
@@ -292,21 +271,6 @@ def test_restore_then_apply_equals_apply_all(batch: list[ChangeRow], data: st.Da
         (s.user_id, s.record_id): s for s in expected
     }
     assert store.live_count() == expected.live_count() == recount(store)
-
-
-@settings(max_examples=200)
-@given(rows(MISSIONS_TABLE), st.data())
-def test_merge_in_equals_apply_all(batch: list[ChangeRow], data: st.DataObject) -> None:
-    chosen = data.draw(st.lists(st.booleans(), min_size=len(batch), max_size=len(batch)))
-    left = fold_store("mission", [r for r, c in zip(batch, chosen, strict=True) if c])
-    right = fold_store("mission", [r for r, c in zip(batch, chosen, strict=True) if not c])
-    for state in right:
-        left.merge_in(state.copy())
-    expected = fold_store("mission", batch)
-    assert {(s.user_id, s.record_id): s for s in left} == {
-        (s.user_id, s.record_id): s for s in expected
-    }
-    assert left.live_count() == expected.live_count() == recount(left)
 
 
 def test_apply_sets_bookkeeping_only_on_change() -> None:

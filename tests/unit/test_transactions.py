@@ -78,7 +78,7 @@ def summary(out: CommittedTransaction | LogicalMessage) -> tuple[object, ...]:
 
 
 def first_int(row: RowInsert) -> int:
-    value = row.values[0]
+    value = row[1][0]
     assert isinstance(value, bytes)
     return int(value)
 
@@ -122,7 +122,7 @@ def test_protocol_2_transactions() -> None:
     # The aborted streamed transaction yields nothing; the one with a rolled-back savepoint
     # keeps exactly the rows outside that savepoint.
     assert isinstance(rolled_back_savepoint, CommittedTransaction)
-    assert [row.values for row in rolled_back_savepoint.inserts] == [
+    assert [values for _, values in rolled_back_savepoint.inserts] == [
         (str(i).encode(),) for i in (3000001, 3000002, 3000003, 3000011, 3000012, 3000013)
     ] + [(str(i).encode(),) for i in (3000021, 3000022, 3000023)]
     assert rolled_back_savepoint.origin == "capture_origin" and rolled_back_savepoint.streamed
@@ -140,10 +140,10 @@ def test_commit_positions(proto: int) -> None:
 
 def test_rows_carry_the_relation_as_it_was() -> None:
     txns = [o for o in outputs(1) if isinstance(o, CommittedTransaction) and o.inserts]
-    first, late = txns[0].inserts[0], txns[-1].inserts[0]
-    assert first.relation.name == late.relation.name == "items"
-    assert len(first.relation.columns) == 4 and len(late.relation.columns) == 5
-    assert late.values[late.relation.column_index("note")] == b"late column"
+    (first, _), (late, late_values) = txns[0].inserts[0], txns[-1].inserts[0]
+    assert first.name == late.name == "items"
+    assert len(first.columns) == 4 and len(late.columns) == 5
+    assert late_values[late.column_index("note")] == b"late column"
 
 
 def test_in_transaction_while_a_streamed_transaction_is_pending() -> None:
@@ -228,7 +228,7 @@ def test_a_plain_transaction() -> None:
         commit_lsn=Lsn(100),
         end_lsn=Lsn(120),
         commit_time_us=5,
-        inserts=[RowInsert(REL, (b"1",)), RowInsert(REL, (b"2",))],
+        inserts=[(REL, (b"1",)), (REL, (b"2",))],
         other_changes=[Update(None, 1, None, None, (b"2",))],
         messages=[LogicalMessage(None, True, Lsn(110), "p", b"x")],
         origin="elsewhere",
