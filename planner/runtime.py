@@ -106,7 +106,7 @@ class MissionRuntime:
         self.clock = clock
         self.metrics = metrics
         self.options = options
-        self.scheduler = Scheduler(clock=clock, on_due=self._on_due)
+        self.scheduler = Scheduler(clock=clock)
         self.budget = TokenBudget()
         self.recent: deque[DispatchRecord] = deque(maxlen=50)
         self._term: Term | None = None  # the term whose state is loaded
@@ -249,6 +249,16 @@ class MissionRuntime:
             self.metrics.due_queue.set(len(self.scheduler.index))
 
     # -- decisions --------------------------------------------------------------------
+
+    async def _follow_schedule(self, stop: asyncio.Event) -> None:
+        while True:
+            # Never judge on half a transaction (see ChangeFeed.settled).
+            if await wait_first(stop, self.feed.settled) is stop:
+                return
+            due = await self.scheduler.next_due(stop)
+            if due is None:
+                return
+            self._on_due(due)
 
     def _on_due(self, due: list[Occurrence]) -> None:
         if not self.feed.settled.is_set():
@@ -397,7 +407,20 @@ class MissionRuntime:
             log.warning("mission %s: %s", occ.mission_id, exc)
         except Exception as exc:  # one mission's failure must not stop the others
             record.error = f"{type(exc).__name__}: {exc}"
-            self._note_failure(occ, exc)
+            if giving_up:
+                # Not even the failed iteration or the ledger could be written: stop trying
+                # in this process (a restart tries again, bounded the same way).
+                self._done[occ.key] = occ.at_us
+                self._failures.pop(occ.key, None)
+                log.error(
+                    "mission %s: giving up on occurrence %s: %s",
+                    occ.mission_id,
+                    occ.at_iso,
+                    record.error,
+                    extra={"mission_id": occ.mission_id},
+                )
+            else:
+                self._note_failure(occ, exc)
         finally:
             if record.error:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, record.error[:200]))
@@ -435,7 +458,7 @@ class MissionRuntime:
         """Dispatch due missions in every term this instance leads, until `stop`; then drain
         in-flight work (bounded)."""
         async with asyncio.TaskGroup() as tg:
-            scheduler = tg.create_task(self.scheduler.run(stop), name="scheduler")
+            scheduler = tg.create_task(self._follow_schedule(stop), name="scheduler")
             feed = tg.create_task(self._follow_feed(stop), name="change feed")
             prune = tg.create_task(self._prune(stop), name="prune")
             term: Term | None = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable
 
 from core.clock import Clock
 from planner.due import MissionKey, Occurrence
@@ -94,13 +93,12 @@ class DueIndex:
 
 
 class Scheduler:
-    """Sleeps until the earliest entry is due (on the injected clock), hands due occurrences
-    to `on_due`; only while enabled."""
+    """Waits until the earliest entry is due (sleeping on the injected clock) and returns the
+    due occurrences to its owner (`next_due`); only while enabled."""
 
-    def __init__(self, *, clock: Clock, on_due: Callable[[list[Occurrence]], None]) -> None:
+    def __init__(self, *, clock: Clock) -> None:
         self.index = DueIndex()
         self._clock = clock
-        self._on_due = on_due
         self._wake = asyncio.Event()
         self._enabled = False
 
@@ -130,24 +128,23 @@ class Scheduler:
         self._enabled = False
         self._wake.set()
 
-    def run_once(self) -> float | None:
-        """Hand out what is due; seconds until the next entry (None: nothing to wait for)."""
-        if not self._enabled:
-            return None
-        due = self.index.pop_due(self._clock.now_us())
-        if due:
-            self._on_due(due)
-        if not self._enabled:
-            return None
-        next_at = self.index.next_at()
+    def _delay(self) -> float | None:
+        """Seconds until the next entry is due (None: nothing to wait for)."""
+        next_at = self.index.next_at() if self._enabled else None
         if next_at is None:
             return None
         return max(0.0, (next_at - self._clock.now_us()) / 1_000_000)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def next_due(self, stop: asyncio.Event) -> list[Occurrence] | None:
+        """The occurrences due now, once there are any (and the scheduler is enabled); None
+        when `stop` is set first. Each is handed out once: the caller owns it."""
         while not stop.is_set():
             self._wake.clear()
-            delay = self.run_once()
+            if self._enabled:
+                due = self.index.pop_due(self._clock.now_us())
+                if due:
+                    return due
+            delay = self._delay()
             waiters: list[asyncio.Future[object]] = [
                 asyncio.ensure_future(stop.wait()),
                 asyncio.ensure_future(self._wake.wait()),
@@ -160,3 +157,4 @@ class Scheduler:
                 for waiter in waiters:
                     waiter.cancel()
                 await asyncio.gather(*waiters, return_exceptions=True)
+        return None

@@ -108,6 +108,9 @@ class FakeLLM:
     def __init__(self, *, default: Behaviour | None = None) -> None:
         self.default: Behaviour = default or Reply("Nothing to plan.")
         self.requests: list[RecordedRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        """Requests being answered now, and the most there ever were at once."""
         self._script: deque[Behaviour] = deque()
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -170,7 +173,12 @@ class FakeLLM:
             )
         )
         behaviour = self._script.popleft() if self._script else self.default
-        return await self._behave(request, behaviour)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._behave(request, behaviour)
+        finally:
+            self.in_flight -= 1
 
     async def _behave(self, request: web.Request, behaviour: Behaviour) -> web.StreamResponse:
         match behaviour:

@@ -173,9 +173,14 @@ async def _settle(until: Callable[[], bool]) -> None:
 async def test_scheduler_wakes_for_a_sooner_entry_inserted_while_it_sleeps() -> None:
     clock = ManualClock(now_us=NOW)
     handed: list[str] = []
-    scheduler = Scheduler(clock=clock, on_due=lambda due: handed.extend(o.mission_id for o in due))
+    scheduler = Scheduler(clock=clock)
     stop = asyncio.Event()
-    task = asyncio.create_task(scheduler.run(stop))
+
+    async def follow() -> None:
+        while (due := await scheduler.next_due(stop)) is not None:
+            handed.extend(o.mission_id for o in due)
+
+    task = asyncio.create_task(follow())
     scheduler.set(occ("due", NOW))
     await _settle(lambda: clock.sleepers == 0)
     assert handed == []  # not enabled yet (the stream has not caught up)
