@@ -19,6 +19,7 @@ transient; the instance waits (not ready) and takes the lock again when the serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import NoReturn
 
@@ -152,14 +153,23 @@ class LeaderLock:
                     conn.execute("SELECT pg_advisory_lock(" + _KEY + ")", (self.slot,)), stop
                 )
             except Stopped:
-                await conn.close()
+                await self._abandon(conn)
                 return False
         except BaseException:
-            await conn.close()
+            await self._abandon(conn)
             raise
         self._conn = conn
         log.info("took over slot %s: this instance is now active", self.slot)
         return True
+
+    @staticmethod
+    async def _abandon(conn: Conn) -> None:
+        """Close a connection that may still wait on the lock. The server does not notice
+        that a client went away while its backend waits for a lock, and that orphan would
+        take the lock when it frees: cancel the wait on the server first."""
+        with contextlib.suppress(Exception):
+            await conn.cancel_safe(timeout=2.0)
+        await conn.close()
 
     async def check(self) -> None:
         """Raise LeadershipLost unless this session still holds the lock (answered within

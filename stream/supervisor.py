@@ -308,7 +308,7 @@ class Supervisor:
             try:
                 await repl.stream(start, self, options, on_started=self._on_started, stop=stop)
             except ReplicationError as exc:
-                raise await self._resolve(exc) from exc
+                raise await self.resolve(exc) from exc
             finally:
                 if not caught_up.done():
                     caught_up.cancel()
@@ -339,7 +339,7 @@ class Supervisor:
             self.replication = None
             await repl.close()
 
-    async def _resolve(self, exc: ReplicationError) -> ReplicationError:
+    async def resolve(self, exc: ReplicationError) -> ReplicationError:
         """A replication error the SQLSTATE alone does not settle: read the slot's state."""
         if type(exc) is not ReplicationError:
             return exc

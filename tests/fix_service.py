@@ -154,17 +154,20 @@ async def running_full_service(
     settings: Settings | None = None,
     *,
     metrics: Metrics | None = None,
+    until: Callable[[App], bool] | None = None,
 ) -> AsyncIterator[Running]:
-    """Ingest, mission runtime, lag monitor and HTTP (on a free port), in this process."""
+    """Ingest, mission runtime, lag monitor and HTTP (on a free port), in this process;
+    yields once `until(app)` holds (by default: the runtime dispatches)."""
     from mission_runner.cli import serve
 
     settings = replace(settings or settings_for(db), http_port=0)
+    ready = until or (lambda app: app.runtime.accepting)
     async with open_app(settings, dsn=db.dsn, metrics=metrics or Metrics()) as app:
         stop = asyncio.Event()
         task = asyncio.create_task(serve(app, stop))
         try:
             async with asyncio.timeout(30):
-                while not app.runtime.accepting:
+                while not ready(app):
                     if task.done():
                         task.result()
                     await asyncio.sleep(0.01)
