@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from core.clock import Clock
+from core.instants import datetime_to_us, iso_ms
 from core.json_types import JsonValue
 from planner.catalog import ToolSpec
 from planner.chat import Usage
@@ -238,7 +239,8 @@ def _string(
         case "date":
             return tomorrow.date().isoformat()
         case "date-time":
-            return tomorrow.replace(hour=9, minute=0, second=0, microsecond=0).isoformat()
+            nine = tomorrow.replace(hour=9, minute=0, second=0, microsecond=0)
+            return iso_ms(datetime_to_us(nine))  # the web app's toISOString() form
     lower = name.lower()
     if lower == "id" or name.endswith("Id") or lower.endswith("_id"):
         return None  # the id of an existing record: the offline planner knows none

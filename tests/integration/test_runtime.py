@@ -3,6 +3,7 @@ due missions, gates, the planner loop, and exactly-once write-back through crash
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -37,6 +38,8 @@ from tests.fix_service import (
 from writer.iterations import iteration_id_for
 
 pytestmark = pytest.mark.integration
+
+JS_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -103,6 +106,9 @@ async def test_a_due_mission_gets_exactly_one_iteration(
     }
     (iteration,) = row["data"]["iterations"]
     assert iteration["id"] == iteration_id
+    # Every timestamp we write is in the web app's toISOString() form.
+    stamps = (row["field_meta"]["iterations"], iteration["startedAt"], iteration["finishedAt"])
+    assert all(JS_ISO.fullmatch(t) for t in stamps), stamps
     assert iteration["source"] == "server"
     assert iteration["overallStatus"] == "awaiting-review"
     assert iteration["summary"] == "Water the plants tomorrow."

@@ -35,7 +35,7 @@ async def test_meeting_mission_plans_event_and_task() -> None:
     event = result.steps[1]
     assert event.params == {
         "title": "Prepare the team meeting",
-        "startsAt": "2026-04-16T09:00:00+00:00",
+        "startsAt": "2026-04-16T09:00:00.000Z",
         "durationMinutes": 30,
     }
     assert event.module == "calendar" and event.policy == "propose"
@@ -60,7 +60,7 @@ def test_deterministic_and_clock_only_moves_dates() -> None:
     later = plan_offline(request, now_us=NOW_US + 86_400_000_000)
     earlier = plan_offline(request, now_us=NOW_US)
     assert [s.tool_name for s in later.steps] == [s.tool_name for s in earlier.steps]
-    assert later.steps[0].params["startsAt"] == "2026-04-17T09:00:00+00:00"
+    assert later.steps[0].params["startsAt"] == "2026-04-17T09:00:00.000Z"
 
 
 def test_no_match_falls_back_to_one_generic_step() -> None:
