@@ -14,6 +14,7 @@ from psycopg.adapt import Loader
 
 from core import sync_changes as sc
 from core.errors import SetupError
+from core.failpoints import FailPoints
 from core.lsn import Lsn
 from projections.projector import Outcome, Projector
 
@@ -73,6 +74,7 @@ async def load_table(
     snapshot_name: str | None,
     lsn: Lsn,
     now_us: int,
+    failpoints: FailPoints | None = None,
 ) -> Outcome:
     """Merge every ai mission/agent row visible in the snapshot into the projector's stores.
 
@@ -90,6 +92,8 @@ async def load_table(
             await conn.execute(
                 sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
             )
+        if failpoints is not None:
+            await failpoints.passing("load-snapshot")  # tests: write while it is open
         async with conn.cursor(name="mission_runner_load") as cur:
             cur.adapters.register_loader("text", _BytesLoader)
             await cur.execute(load_query())

@@ -205,10 +205,14 @@ class Ingest:
     ) -> Outcome:
         """Merge every row of the table visible in the exported snapshot `snapshot_name`
         (the slot just created at `lsn`) into the stores; `persist` writes it."""
-        await self.failpoints.passing("load-snapshot")
         started = self.clock.monotonic()
         outcome = await load_table(
-            conn, self.projector, snapshot_name=snapshot_name, lsn=lsn, now_us=self.clock.now_us()
+            conn,
+            self.projector,
+            snapshot_name=snapshot_name,
+            lsn=lsn,
+            now_us=self.clock.now_us(),
+            failpoints=self.failpoints,
         )
         self._account(outcome)
         # Rows committed before the consistent point are in the load; later ones will come

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from core.failpoints import FailPoints
 from mission_runner.app import App, open_app
 from mission_runner.cli import prepare_database
 from mission_runner.devschema import DDL
@@ -129,9 +130,12 @@ async def running_service(
     settings: Settings | None = None,
     *,
     metrics: Metrics | None = None,
+    failpoints: FailPoints | None = None,
 ) -> AsyncIterator[Running]:
     settings = settings or settings_for(db)
-    async with open_app(settings, dsn=db.dsn, metrics=metrics or Metrics()) as app:
+    async with open_app(
+        settings, dsn=db.dsn, metrics=metrics or Metrics(), failpoints=failpoints
+    ) as app:
         await prepare_database(app)
         stop = asyncio.Event()
         task = asyncio.create_task(app.supervisor.run(stop))

@@ -7,6 +7,7 @@ import asyncio
 import psycopg
 import pytest
 
+from core.failpoints import FailPoints
 from core.sync_changes import COLUMNS
 from mission_runner.metrics import Metrics
 from tests.fix_data import (
@@ -130,34 +131,34 @@ async def test_first_start_loads_history_in_the_slot_snapshot_without_gap(
     db: TestDatabase,
 ) -> None:
     """History before the first start is loaded in the exported snapshot while writers keep
-    committing; every row is applied exactly once (load or stream, never both)."""
-    bulk_missions(db, users=20, missions=3000, updates=12000)
-    stop = asyncio.Event()
-
-    async def writer() -> int:
-        n = 0
-        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
-            while not stop.is_set():
-                await conn.execute(
-                    "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data,"
-                    " field_meta, client_id) VALUES ('ai', 'aiMissions', %s, 'w', 'insert',"
-                    " jsonb_build_object('title', 'w'), '{}', 'w')",
-                    (f"w{n}",),
-                )
-                n += 1
-                await asyncio.sleep(0.002)
-        return n
-
-    task = asyncio.create_task(writer())
-    await asyncio.sleep(0.1)
-    async with running_service(db) as svc:
-        await asyncio.sleep(0.3)
-        stop.set()
-        written = await task
+    committing; every row is applied exactly once (load or stream, never both). The writes
+    land while the load holds its snapshot open (a hold point), so they are in the window."""
+    history = bulk_missions(db, users=20, missions=3000, updates=12000)
+    points = FailPoints()
+    hold = points.hold("load-snapshot")
+    metrics = Metrics()
+    service = running_service(db, metrics=metrics, failpoints=points)
+    entering = asyncio.ensure_future(service.__aenter__())
+    await asyncio.wait_for(hold.reached.wait(), 30)
+    async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+        for n in range(50):  # committed after the slot's consistent point, one by one
+            await conn.execute(
+                "INSERT INTO sync_changes (app_id, table_name, record_id, user_id, op, data,"
+                " field_meta, client_id) VALUES ('ai', 'aiMissions', %s, 'w', 'insert',"
+                " jsonb_build_object('title', 'w'), '{}', 'w')",
+                (f"w{n}",),
+            )
+    hold.release()
+    svc = await asyncio.wait_for(entering, 60)
+    try:
         await svc.supervisor.sync_point()
-        assert written > 10
-        assert svc.ingest.rows_applied == ai_row_count(db)
+        # The load saw the history only; the 50 came through the stream.
+        assert sample(metrics, "mana_ai_stream_rows_total", table="aiMissions") == history + 50
+        assert svc.ingest.transactions_applied >= 50
+        assert svc.ingest.rows_applied == ai_row_count(db) == history + 50
         assert in_memory(svc.app) == recompute(db)
+    finally:
+        await service.__aexit__(None, None, None)
     assert persisted(db) == recompute(db)
 
 

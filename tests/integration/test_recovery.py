@@ -13,6 +13,7 @@ import pytest
 
 from core.lsn import Lsn
 from mission_runner.metrics import Metrics
+from stream.errors import LeadershipLost
 from tests.fix_data import (
     ai_row_count,
     awrite,
@@ -28,6 +29,7 @@ from tests.fix_pg import PgServer, TestDatabase
 from tests.fix_service import (
     ROOT,
     ServiceProcess,
+    eventually,
     running_service,
     service_env,
     settings_for,
@@ -166,13 +168,12 @@ async def test_server_restart_while_streaming(
     assert persisted(db) == recompute(db)
 
 
-async def test_immediate_server_restart_resends_are_skipped(
+async def test_an_immediate_server_restart_applies_nothing_twice(
     db: TestDatabase, controllable_server: PgServer
 ) -> None:
-    """A crash-restart of the server may re-send confirmed transactions (PostgreSQL < 17
-    saves confirmed_flush_lsn lazily); they are skipped, never applied twice."""
-    metrics = Metrics()
-    async with running_service(db, metrics=metrics) as svc:
+    """A crash-restart of the server may set the slot back (PostgreSQL saves
+    confirmed_flush_lsn lazily); the new term streams from the checkpoint, nothing twice."""
+    async with running_service(db) as svc:
         for i in range(10):
             await awrite(db, mission_insert("u", f"m{i}"))
         await svc.supervisor.sync_point()
@@ -183,10 +184,40 @@ async def test_immediate_server_restart_resends_are_skipped(
                 try:
                     await svc.supervisor.sync_point()
                     break
-                except psycopg.OperationalError:
+                except (psycopg.OperationalError, LeadershipLost):
                     await asyncio.sleep(0.1)
         assert svc.ingest.rows_applied == 11
     assert persisted(db) == recompute(db)
+
+
+async def test_resent_transactions_are_skipped(db: TestDatabase) -> None:
+    """The stream restarts from the persisted checkpoint: what was applied after it, but not
+    yet persisted, comes again, and is skipped (counted), never applied twice."""
+    metrics = Metrics()
+    settings = settings_for(db, batch_max_delay=60.0, instance="svc")  # nothing persists soon
+    async with running_service(db, settings, metrics=metrics) as svc:
+        for i in range(10):
+            await awrite(db, mission_insert("u", f"m{i}"))
+        await svc.supervisor.sync_point(persisted=False)
+        assert svc.ingest.persisted_lsn < svc.ingest.applied_lsn
+        applied_rows = svc.ingest.rows_applied
+        # Only the replication connection ends (the lock and the term stay).
+        with db.connect() as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'mission-runner svc'"
+            )
+        await eventually(
+            lambda: sample(metrics, "mana_ai_stream_skipped_transactions_total") >= 11,
+            what="the re-sent transactions skipped",
+        )
+        assert svc.supervisor.term is not None and svc.supervisor.term.epoch == 1
+        await svc.supervisor.sync_point()
+        assert svc.ingest.rows_applied == applied_rows  # nothing applied twice
+        # The ten writes and the first sync point's marker, each once.
+        assert sample(metrics, "mana_ai_stream_skipped_transactions_total") == 11
+    assert persisted(db) == recompute(db)
+    assert len(persisted(db)["mission"]) == 10
 
 
 async def test_slot_dropped_while_stopped_is_rebuilt_without_gap(db: TestDatabase) -> None:

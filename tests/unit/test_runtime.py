@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
 
 from mission_runner.runtime import OLDER_THRESHOLDS, YOUNG_THRESHOLD, tune_gc
+
+
+class _Node:
+    partner: object = None
 
 
 @pytest.fixture
@@ -25,7 +30,11 @@ def test_tune_gc_freezes_the_boot_heap_and_raises_the_thresholds() -> None:
     assert gc.get_freeze_count() >= len(booted)
     assert gc.get_threshold() == (YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
     assert gc.isenabled()
-    cycle: list[object] = []
-    cycle.append(cycle)  # cycles made later are still collected
-    del cycle
-    assert gc.collect() >= 1
+    # A cycle made later is still collected: that very one, not just any garbage.
+    node = _Node()
+    node.partner = node
+    alive = weakref.ref(node)
+    del node
+    assert alive() is not None  # reference counting alone cannot free a cycle
+    gc.collect()
+    assert alive() is None
