@@ -28,7 +28,7 @@ from projections.projector import Outcome
 from projections.stores import SnapshotStore, StateTable
 from stream.pgoutput import UNCHANGED, TupleData
 from stream.transactions import CommittedTransaction, RowInsert
-from tests.unit.test_projector import (  # sync_changes as pgoutput has it, and the readers
+from tests.fix_projection import (  # sync_changes as pgoutput has it, and the readers
     ITEMS,
     NAMES,
     SYNC,

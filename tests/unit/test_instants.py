@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from core.instants import format_stamp, iso_ms, parse_stamp
+from tests.fix_rows import ACCEPTED, NOW, REJECTED, us
 from writer.iterations import PlanStep, build_iteration
 
 JS_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -43,3 +46,50 @@ def test_an_iteration_carries_to_iso_string_times() -> None:
     )
     assert iteration["startedAt"] == "2026-04-15T12:00:00.409Z"
     assert iteration["finishedAt"] == "2026-04-15T12:00:01.644Z"
+
+
+# --- the stamp grammar (domain.md §2) and the exact form --------------------------------
+
+
+@pytest.mark.parametrize(("text", "utc"), ACCEPTED.items())
+def test_parse_stamp_accepts(text: str, utc: str) -> None:
+    stamp = parse_stamp(text)
+    assert stamp is not None
+    assert format_stamp(stamp) == utc
+    assert parse_stamp({"at": text, "origin": "user"}) == stamp
+
+
+@pytest.mark.parametrize("text", REJECTED)
+def test_parse_stamp_rejects(text: str) -> None:
+    assert parse_stamp(text) is None
+    assert parse_stamp({"at": text}) is None
+
+
+@pytest.mark.parametrize("value", [None, 0, 1.5, True, [], ["2026-04-15T12:00:00Z"], {"time": NOW}])
+def test_parse_stamp_rejects_non_text(value: object) -> None:
+    assert parse_stamp(value) is None
+
+
+def test_format_stamp_precision() -> None:
+    base = us("2026-04-15T12:00:00Z")
+    assert format_stamp(base) == "2026-04-15T12:00:00.000Z"
+    assert format_stamp(base + 123_000) == "2026-04-15T12:00:00.123Z"
+    assert format_stamp(base + 123_456) == "2026-04-15T12:00:00.123456Z"
+    assert format_stamp(0) == "1970-01-01T00:00:00.000Z"
+    assert format_stamp(-1) == "1969-12-31T23:59:59.999999Z"
+    year_zero = us("0001-01-01T00:00:00Z") - 86_400_000_000 * 366
+    assert format_stamp(year_zero) == "0000-01-01T00:00:00.000Z"
+    assert format_stamp(year_zero - 1_000) == "-000001-12-31T23:59:59.999Z"
+    assert format_stamp(us("9999-12-31T23:59:59Z") + 1_000_000) == "+010000-01-01T00:00:00.000Z"
+
+
+_DT_MIN = -62135596800 * 1_000_000
+_DT_MAX = 253402300799 * 1_000_000
+
+
+@given(st.integers(min_value=_DT_MIN, max_value=_DT_MAX + 999_999))
+def test_format_stamp_matches_datetime_and_round_trips(value: int) -> None:
+    text = format_stamp(value)
+    dt = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)
+    assert text[:19] == dt.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0")
+    assert parse_stamp(text) == value
