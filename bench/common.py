@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,9 @@ BENCH_SETTINGS = {
 @dataclass
 class BenchServer:
     dsn: str
-    bindir: Path
     version: str
+    run_program: Callable[[str, list[str]], None]
+    """Runs a PostgreSQL client program of the server's version (`pg_recvlogical`, ...)."""
 
 
 @contextmanager
@@ -40,7 +42,11 @@ def bench_server() -> Iterator[BenchServer]:
     """The embedded PostgreSQL 18 in a temporary directory, or BENCH_DSN / BENCH_BINDIR."""
     if dsn := os.environ.get("BENCH_DSN"):
         bindir = Path(os.environ.get("BENCH_BINDIR", "/usr/lib/postgresql/15/bin"))
-        yield BenchServer(dsn, bindir, _version(dsn))
+
+        def run_binary(name: str, args: list[str]) -> None:
+            subprocess.run([str(bindir / name), *args], check=True)
+
+        yield BenchServer(dsn, _version(dsn), run_binary)
         return
     tmp = tempfile.mkdtemp(prefix="mrbench", dir="/tmp")
     server = EmbeddedPostgres(Path(tmp), delete_on_exit=True, extra_settings=BENCH_SETTINGS)
@@ -50,7 +56,10 @@ def bench_server() -> Iterator[BenchServer]:
             conn.execute("DROP DATABASE IF EXISTS bench")
             conn.execute("CREATE DATABASE bench")
         dsn = server.dsn("bench")
-        yield BenchServer(dsn, server.bindir, _version(dsn))
+        def run_embedded(name: str, args: list[str]) -> None:
+            server.program(name)(args)
+
+        yield BenchServer(dsn, _version(dsn), run_embedded)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)

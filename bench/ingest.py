@@ -96,7 +96,6 @@ def main() -> None:
             print(f"round {rnd + 1}: loaded in {load_s:.1f} s, {wal} of WAL, end {endpos}")
 
             recv = [
-                str(server.bindir / "pg_recvlogical"),
                 "-d",
                 dsn,
                 "--slot",
@@ -117,7 +116,7 @@ def main() -> None:
                 "streaming=on",
             ]
             t0 = time.perf_counter()
-            subprocess.run(recv, check=True, env=env)
+            server.run_program("pg_recvlogical", recv)
             recv_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()

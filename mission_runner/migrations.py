@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from psycopg import AsyncConnection
+from psycopg.rows import scalar_row
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,9 @@ async def migrate(conn: AsyncConnection[tuple[object, ...]]) -> list[int]:
             " version int PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        cur = await conn.execute("SELECT version FROM mana_ai.schema_migrations")
-        done = {int(str(row[0])) for row in await cur.fetchall()}
+        async with conn.cursor(row_factory=scalar_row) as cur:
+            await cur.execute("SELECT version FROM mana_ai.schema_migrations")
+            done = set(await cur.fetchall())
         for version, name, ddl in MIGRATIONS:
             if version in done:
                 continue

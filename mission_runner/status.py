@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TypedDict
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, scalar_row
 
 from core.instants import datetime_to_us
 from projections import persistence
@@ -70,10 +70,18 @@ class Status(TypedDict):
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
+async def _scalar(conn: Conn, query: str) -> int:
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(query)
+        value = await cur.fetchone()
+    assert isinstance(value, int)
+    return value
+
+
 async def _has_schema(conn: Conn) -> bool:
-    cur = await conn.execute("SELECT to_regclass('mana_ai.stream_checkpoint') IS NOT NULL")
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute("SELECT to_regclass('mana_ai.stream_checkpoint') IS NOT NULL")
+        return bool(await cur.fetchone())
 
 
 async def _sender(conn: Conn, pid: int | None) -> SenderStatus | None:
@@ -145,12 +153,8 @@ async def collect_status(conn: Conn, *, slot: str) -> Status:
     if await _has_schema(conn):
         checkpoint = await _checkpoint(conn, slot)
         counts = await persistence.snapshot_counts(conn)
-        cur = await conn.execute("SELECT count(*) FROM mana_ai.dead_letter")
-        row = await cur.fetchone()
-        dead = int(str(row[0])) if row else 0
-    cur = await conn.execute("SELECT (extract(epoch FROM now()) * 1000000)::bigint")
-    now_row = await cur.fetchone()
-    now_us = int(str(now_row[0])) if now_row else 0
+        dead = await _scalar(conn, "SELECT count(*) FROM mana_ai.dead_letter")
+    now_us = await _scalar(conn, "SELECT (extract(epoch FROM now()) * 1000000)::bigint")
     seconds, at_most, note = _lag(lag.lag_bytes if lag else None, checkpoint, now_us)
     return Status(
         slot=SlotStatus(

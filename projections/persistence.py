@@ -15,6 +15,7 @@ from typing import Final
 
 import orjson
 from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row, dict_row, scalar_row
 
 from core.instants import datetime_to_us, us_to_datetime
 from core.lsn import Lsn
@@ -253,31 +254,38 @@ async def write_batch(
 
 
 async def _epoch(conn: AsyncConnection[tuple[object, ...]], slot: str) -> int | None:
-    cur = await conn.execute(
-        "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s", (slot,)
-    )
-    row = await cur.fetchone()
-    return None if row is None else int(str(row[0]))
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(
+            "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s", (slot,)
+        )
+        epoch = await cur.fetchone()
+    return epoch if isinstance(epoch, int) else None
 
 
 async def read_checkpoint(
     conn: AsyncConnection[tuple[object, ...]], slot: str
 ) -> Checkpoint | None:
     """The slot's checkpoint; None when nothing was ever persisted (or `reset` dropped it)."""
-    cur = await conn.execute(
-        "SELECT lsn::text, commit_time FROM mana_ai.stream_checkpoint"
-        " WHERE slot_name = %s AND lsn IS NOT NULL",
-        (slot,),
-    )
-    row = await cur.fetchone()
+    async with conn.cursor(row_factory=class_row(_CheckpointRow)) as cur:
+        await cur.execute(
+            "SELECT lsn::text, commit_time FROM mana_ai.stream_checkpoint"
+            " WHERE slot_name = %s AND lsn IS NOT NULL",
+            (slot,),
+        )
+        row = await cur.fetchone()
     if row is None:
         return None
-    commit_time = row[1]
     return Checkpoint(
         slot=slot,
-        lsn=Lsn.parse(str(row[0])),
-        commit_time_us=datetime_to_us(commit_time) if isinstance(commit_time, datetime) else None,
+        lsn=Lsn.parse(row.lsn),
+        commit_time_us=None if row.commit_time is None else datetime_to_us(row.commit_time),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _CheckpointRow:
+    lsn: str
+    commit_time: datetime | None
 
 
 async def load_snapshots(
@@ -343,13 +351,14 @@ async def reset(conn: AsyncConnection[tuple[object, ...]], fence: Fence) -> None
 async def snapshot_counts(conn: AsyncConnection[tuple[object, ...]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for kind, (table, _id) in _TABLES.items():
-        cur = await conn.execute(
-            sql.SQL(
-                "SELECT count(*) FILTER (WHERE NOT deleted), count(*) FILTER (WHERE deleted)"
-                " FROM mana_ai.{}"
-            ).format(sql.Identifier(table))
-        )
-        row = await cur.fetchone()
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                sql.SQL(
+                    "SELECT count(*) FILTER (WHERE NOT deleted) AS live,"
+                    " count(*) FILTER (WHERE deleted) AS deleted FROM mana_ai.{}"
+                ).format(sql.Identifier(table))
+            )
+            row = await cur.fetchone()
         assert row is not None
-        out[kind] = {"live": int(str(row[0])), "deleted": int(str(row[1]))}
+        out[kind] = {"live": int(row["live"]), "deleted": int(row["deleted"])}
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row, scalar_row
 
 from core import sync_changes as sc
 from core.errors import SetupError
@@ -56,39 +57,55 @@ class SlotLag:
     stream_bytes: int | None
 
 
-def _lsn(value: object) -> Lsn | None:
-    return None if value is None else Lsn.parse(str(value))
+def _lsn(value: str | None) -> Lsn | None:
+    return None if value is None else Lsn.parse(value)
 
 
 async def current_wal_lsn(conn: AsyncConnection[tuple[object, ...]]) -> Lsn:
     """The server's current WAL write position."""
-    cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
-    row = await cur.fetchone()
-    assert row is not None
-    return Lsn.parse(str(row[0]))
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute("SELECT pg_current_wal_lsn()::text")
+        text = await cur.fetchone()
+    assert isinstance(text, str)
+    return Lsn.parse(text)
+
+
+@dataclass(frozen=True, slots=True)
+class _SlotRow:
+    slot_name: str
+    plugin: str | None
+    database: str | None
+    temporary: bool
+    active: bool
+    active_pid: int | None
+    restart_lsn: str | None
+    confirmed_flush_lsn: str | None
+    wal_status: str | None
+    safe_wal_size: int | None
 
 
 async def get_slot(conn: AsyncConnection[tuple[object, ...]], name: str) -> SlotInfo | None:
-    cur = await conn.execute(
-        "SELECT slot_name, plugin, database, temporary, active, active_pid,"
-        " restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size"
-        " FROM pg_replication_slots WHERE slot_name = %s",
-        (name,),
-    )
-    row = await cur.fetchone()
+    async with conn.cursor(row_factory=class_row(_SlotRow)) as cur:
+        await cur.execute(
+            "SELECT slot_name, plugin, database, temporary, active, active_pid,"
+            " restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size"
+            " FROM pg_replication_slots WHERE slot_name = %s",
+            (name,),
+        )
+        row = await cur.fetchone()
     if row is None:
         return None
     return SlotInfo(
-        name=str(row[0]),
-        plugin=None if row[1] is None else str(row[1]),
-        database=None if row[2] is None else str(row[2]),
-        temporary=bool(row[3]),
-        active=bool(row[4]),
-        active_pid=None if row[5] is None else int(str(row[5])),
-        restart_lsn=_lsn(row[6]),
-        confirmed_flush_lsn=_lsn(row[7]),
-        wal_status=None if row[8] is None else str(row[8]),
-        safe_wal_size=None if row[9] is None else int(str(row[9])),
+        name=row.slot_name,
+        plugin=row.plugin,
+        database=row.database,
+        temporary=row.temporary,
+        active=row.active,
+        active_pid=row.active_pid,
+        restart_lsn=_lsn(row.restart_lsn),
+        confirmed_flush_lsn=_lsn(row.confirmed_flush_lsn),
+        wal_status=row.wal_status,
+        safe_wal_size=row.safe_wal_size,
     )
 
 
@@ -111,39 +128,53 @@ async def drop_slot(conn: AsyncConnection[tuple[object, ...]], name: str) -> Non
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _LagRow:
+    current: str
+    confirmed_flush_lsn: str | None
+    restart_lsn: str | None
+    lag_bytes: int | None
+    retained_bytes: int | None
+    safe_wal_size: int | None
+    wal_status: str | None
+    active: bool
+    spill_bytes: int | None
+    stream_bytes: int | None
+
+
 async def slot_lag(conn: AsyncConnection[tuple[object, ...]], name: str) -> SlotLag | None:
-    stats = ", NULL::bigint, NULL::bigint"
+    stats = ", NULL::bigint AS spill_bytes, NULL::bigint AS stream_bytes"
     join = ""
     if conn.info.server_version >= 140000:
         stats = ", st.spill_bytes, st.stream_bytes"
         join = " LEFT JOIN pg_stat_replication_slots st ON st.slot_name = s.slot_name"
-    cur = await conn.execute(
-        "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.restart_lsn::text,"
-        " pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,"
-        " pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,"
-        " s.safe_wal_size, s.wal_status, s.active"
-        + stats
-        + " FROM pg_replication_slots s"
-        + join
-        + " WHERE s.slot_name = %s",
-        (name,),
-    )
-    row = await cur.fetchone()
+    async with conn.cursor(row_factory=class_row(_LagRow)) as cur:
+        await cur.execute(
+            "SELECT pg_current_wal_lsn()::text AS current,"
+            " s.confirmed_flush_lsn::text, s.restart_lsn::text,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_bytes,"
+            " s.safe_wal_size, s.wal_status, s.active"
+            + stats
+            + " FROM pg_replication_slots s"
+            + join
+            + " WHERE s.slot_name = %s",
+            (name,),
+        )
+        row = await cur.fetchone()
     if row is None:
         return None
-    current = _lsn(row[0])
-    assert current is not None
     return SlotLag(
-        current_lsn=current,
-        confirmed_flush_lsn=_lsn(row[1]),
-        restart_lsn=_lsn(row[2]),
-        lag_bytes=None if row[3] is None else int(str(row[3])),
-        retained_bytes=None if row[4] is None else int(str(row[4])),
-        safe_wal_size=None if row[5] is None else int(str(row[5])),
-        wal_status=None if row[6] is None else str(row[6]),
-        active=bool(row[7]),
-        spill_bytes=None if row[8] is None else int(str(row[8])),
-        stream_bytes=None if row[9] is None else int(str(row[9])),
+        current_lsn=Lsn.parse(row.current),
+        confirmed_flush_lsn=_lsn(row.confirmed_flush_lsn),
+        restart_lsn=_lsn(row.restart_lsn),
+        lag_bytes=row.lag_bytes,
+        retained_bytes=row.retained_bytes,
+        safe_wal_size=row.safe_wal_size,
+        wal_status=row.wal_status,
+        active=row.active,
+        spill_bytes=row.spill_bytes,
+        stream_bytes=row.stream_bytes,
     )
 
 
@@ -153,9 +184,7 @@ def publication_ddl(name: str, version: int) -> sql.Composed:
         return sql.SQL(
             "CREATE PUBLICATION {} FOR TABLE {} ({}) WHERE (app_id = 'ai')"
             " WITH (publish = 'insert')"
-        ).format(
-            sql.Identifier(name), table, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-        )
+        ).format(sql.Identifier(name), table, sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
     return sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
         sql.Identifier(name), table
     )
@@ -174,11 +203,20 @@ class PublicationInfo:
 
 
 async def source_table_exists(conn: AsyncConnection[tuple[object, ...]]) -> bool:
-    cur = await conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{sc.QUALIFIED_NAME}",)
-    )
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{sc.QUALIFIED_NAME}",))
     row = await cur.fetchone()
     return bool(row and row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _PublicationRow:
+    pubinsert: bool
+    pubupdate: bool
+    pubdelete: bool
+    pubtruncate: bool
+    has_table: bool
+    row_filter: str | None
+    columns: list[str] | None
 
 
 async def get_publication(
@@ -191,30 +229,31 @@ async def get_publication(
             "(SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a"
             " WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs))"
         )
-    cur = await conn.execute(
-        "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate,"
-        " (p.puballtables OR pr.prrelid IS NOT NULL), "
-        + qual
-        + ", "
-        + cols
-        + " FROM pg_publication p"
-        " LEFT JOIN pg_publication_rel pr ON pr.prpubid = p.oid"
-        "  AND pr.prrelid = to_regclass(%s)"
-        " WHERE p.pubname = %s",
-        (f"{sc.QUALIFIED_NAME}", name),
-    )
-    row = await cur.fetchone()
+    async with conn.cursor(row_factory=class_row(_PublicationRow)) as cur:
+        await cur.execute(
+            "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate,"
+            " (p.puballtables OR pr.prrelid IS NOT NULL) AS has_table, "
+            + qual
+            + " AS row_filter, "
+            + cols
+            + " AS columns FROM pg_publication p"
+            " LEFT JOIN pg_publication_rel pr ON pr.prpubid = p.oid"
+            "  AND pr.prrelid = to_regclass(%s)"
+            " WHERE p.pubname = %s",
+            (sc.QUALIFIED_NAME, name),
+        )
+        row = await cur.fetchone()
     if row is None:
         return None
     return PublicationInfo(
         name=name,
-        inserts=bool(row[0]),
-        updates=bool(row[1]),
-        deletes=bool(row[2]),
-        truncates=bool(row[3]),
-        has_table=bool(row[4]),
-        row_filter=None if row[5] is None else str(row[5]),
-        columns=None if row[6] is None else tuple(str(c) for c in row[6]),  # type: ignore[attr-defined]
+        inserts=row.pubinsert,
+        updates=row.pubupdate,
+        deletes=row.pubdelete,
+        truncates=row.pubtruncate,
+        has_table=row.has_table,
+        row_filter=row.row_filter,
+        columns=None if row.columns is None else tuple(row.columns),
     )
 
 
@@ -246,9 +285,7 @@ async def ensure_publication(
         name, version
     ).as_string(conn)
     if not info.has_table:
-        raise SetupError(
-            f"publication {name!r} does not include {sc.QUALIFIED_NAME}", fix=fix
-        )
+        raise SetupError(f"publication {name!r} does not include {sc.QUALIFIED_NAME}", fix=fix)
     if not info.inserts:
         raise SetupError(f"publication {name!r} does not publish inserts", fix=fix)
     if info.columns is not None and (missing := set(COLUMNS) - set(info.columns)):

@@ -99,7 +99,6 @@ class EmbeddedServer(PgServer):
             Path(self._tmp), delete_on_exit=True, extra_settings=TEST_SETTINGS
         )
         self._pg.start()
-        self.bindir = self._pg.bindir
 
     def dsn(self, dbname: str = "postgres") -> str:
         return self._pg.dsn(dbname)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from psycopg import AsyncConnection
+from psycopg.rows import scalar_row
 
 from writer.errors import FencedError
 
@@ -36,12 +37,12 @@ class Fence:
     async def check(self, conn: AsyncConnection[tuple[object, ...]]) -> None:
         """Raise FencedError unless the slot's epoch is still ours. Call inside the
         transaction it guards, before its writes; the row stays locked until it ends."""
-        cur = await conn.execute(
-            "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s FOR SHARE",
-            (self.slot,),
-        )
-        row = await cur.fetchone()
-        current = None if row is None else int(str(row[0]))
+        async with conn.cursor(row_factory=scalar_row) as cur:
+            await cur.execute(
+                "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s FOR SHARE",
+                (self.slot,),
+            )
+            current = await cur.fetchone()
         if current != self.epoch:
             raise FencedError(self.slot, self.epoch, current)
 
@@ -50,14 +51,14 @@ async def take_leadership(conn: AsyncConnection[tuple[object, ...]], slot: str) 
     """Start a new term: increment the slot's epoch (creating its row, without a checkpoint
     position, the first time). Call with the leader lock held, before reading any state;
     it waits for a deposed instance's guarded transaction in flight to end."""
-    async with conn.transaction():
-        cur = await conn.execute(
+    async with conn.transaction(), conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(
             "INSERT INTO mana_ai.stream_checkpoint AS c (slot_name, lsn, epoch, updated_at)"
             " VALUES (%s, NULL, 1, now())"
             " ON CONFLICT (slot_name) DO UPDATE SET epoch = c.epoch + 1, updated_at = now()"
             " RETURNING epoch",
             (slot,),
         )
-        row = await cur.fetchone()
-    assert row is not None
-    return Fence(slot, int(str(row[0])))
+        epoch = await cur.fetchone()
+    assert isinstance(epoch, int)
+    return Fence(slot, epoch)
