@@ -5,7 +5,13 @@ transactions of 10 rows); the service runs in this process. For each applied tra
 record now - its commit time (from the stream's Commit message), and for each row now - the
 time the writer stamped into it just before sending it.
 
+Then the longest event-loop stall: while a ticker task measures the gaps between its turns
+of the loop, 100,000 new missions arrive in transactions of 10,000 rows (applied in steps)
+and one group commit writes all 100,000 records (serialised in chunks); the same group
+commit serialised in one step (what the service did before) is measured beside it.
+
     .venv/bin/python bench/latency.py [--rate 2000] [--seconds 20] [--rows-per-tx 10]
+                                      [--stall-records 100000]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from mission_runner.app import open_app  # noqa: E402
 from mission_runner.cli import prepare_database  # noqa: E402
 from mission_runner.runtime import tune_gc  # noqa: E402
 from mission_runner.settings import Settings  # noqa: E402
+from projections.group_commit import GroupCommitOptions  # noqa: E402
 
 
 def writer(dsn: str, rate: int, seconds: float, rows_per_tx: int, ready: object) -> None:
@@ -110,6 +117,7 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
         follower.cancel()
         stop.set()
         await task
+    await stalls(dsn, args.stall_records)
     # The first second is warm-up (connections, caches).
     skip = int(len(commit_lat) / args.seconds)
     c, r = commit_lat[skip:], row_lat[skip * args.rows_per_tx :]
@@ -127,11 +135,90 @@ async def run(dsn: str, args: argparse.Namespace) -> None:
     )
 
 
+class Ticker:
+    """Measures the longest gap between its turns of the event loop (1 ms sleeps)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last - 0.001)
+            last = now
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(0.005)  # ticking before the measured work starts
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        await asyncio.sleep(0.005)  # a last turn after the measured work
+        self._task.cancel()
+
+
+async def stalls(dsn: str, records: int) -> None:
+    """The longest loop stall while `records` new missions are applied and persisted, with
+    chunked serialisation and with one step."""
+    settings = replace(
+        Settings.from_env({}), database_url=dsn, batch_max_delay=3600.0, batch_max_rows=10**9
+    )
+    results: list[str] = []
+    default = GroupCommitOptions().serialize_chunk
+    for label, chunk in (
+        (f"chunked ({default:,} records per step)", default),
+        ("one step", records),
+    ):
+        async with open_app(settings, dsn=dsn) as app:
+            ing = app.ingest
+            ing.options = replace(ing.options, serialize_chunk=chunk)
+            await prepare_database(app)
+            stop = asyncio.Event()
+            task = asyncio.create_task(app.supervisor.run(stop))
+            await app.supervisor.streaming.wait()
+            await app.supervisor.sync_point()  # persist what is there: start clean
+            base = len(ing.missions)
+            async with Ticker() as applying:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    for start in range(0, records, 10_000):
+                        await conn.execute(
+                            "INSERT INTO sync_changes (app_id, table_name, record_id, user_id,"
+                            " op, data, field_meta, client_id) SELECT 'ai', 'aiMissions',"
+                            " %s || i, 'u' || (i %% 100), 'insert', jsonb_build_object('id',"
+                            " %s || i, 'title', 'stall ' || i, 'state', 'paused'), '{}', 'bench'"
+                            " FROM generate_series(%s::int, %s::int) i",
+                            (f"s{chunk}-", f"s{chunk}-", start, start + 9_999),
+                        )
+                await app.supervisor.sync_point(persisted=False)
+            assert len(ing.missions) - base == records, (len(ing.missions), base)
+            assert app.supervisor.term is not None
+            fence = app.supervisor.term.fence
+            dirty = ing.missions.dirty_count()
+            async with Ticker() as persisting:
+                t0 = time.perf_counter()
+                await ing.persist(fence)
+                took = time.perf_counter() - t0
+            results.append(
+                f"  {label:34s} apply: longest stall {applying.longest * 1000:7.1f} ms;"
+                f" group commit of {dirty:,} records in {took:.2f} s:"
+                f" longest stall {persisting.longest * 1000:7.1f} ms"
+            )
+            stop.set()
+            await task
+    print("longest event-loop stall (ms) while 100k-record transactions apply and persist:")
+    print("\n".join(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rate", type=int, default=2000, help="rows per second")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--rows-per-tx", type=int, default=10)
+    ap.add_argument("--stall-records", type=int, default=100_000)
     args = ap.parse_args()
     with bench_server() as server:
         create_schema(server.dsn)

@@ -21,7 +21,7 @@ class GroupCommitOptions:
     max_rows: int = 50_000
     max_delay: float = 0.2
     checkpoint_delay: float = 10.0
-    serialize_chunk: int = 2000
+    serialize_chunk: int = 1000
     """Records serialised per step of the event loop (bounds how long one step holds it)."""
 
 
