@@ -189,7 +189,6 @@ def slot_row(db: TestDatabase) -> dict[str, Any] | None:
         return dict(zip(names, row, strict=True))
 
 
-
 # -- missions and agents as the web app writes them ---------------------------------------
 
 PAST = "2026-04-15T00:00:00.000Z"
@@ -265,3 +264,12 @@ def ledger_rows(db: TestDatabase) -> dict[str, tuple[str, int]]:
         }
 
 
+async def hold_the_slot(db: TestDatabase) -> psycopg.AsyncConnection[Any]:
+    """Another consumer streaming the slot (close it to let go): the service cannot."""
+    conn = await psycopg.AsyncConnection.connect(db.dsn, autocommit=True, replication="database")
+    start = (
+        f'START_REPLICATION SLOT "{db.slot}" LOGICAL 0/0'
+        " (proto_version '1', publication_names '\"mission_runner\"')"
+    )
+    conn.pgconn.send_query(start.encode())
+    return conn

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,6 +124,28 @@ class Running:
         return self.app.runtime
 
 
+Main = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+@asynccontextmanager
+async def _running(app: App, main: Main, until: Callable[[App], bool]) -> AsyncIterator[Running]:
+    """Run `main(stop)` (the service's top task) until the context ends; enter once
+    `until(app)` holds."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(main(stop))
+    try:
+        async with asyncio.timeout(30):
+            while not until(app):
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield Running(app, stop, task)
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await task
+
+
 @asynccontextmanager
 async def running_service(
     db: TestDatabase,
@@ -132,24 +154,16 @@ async def running_service(
     metrics: Metrics | None = None,
     failpoints: FailPoints | None = None,
 ) -> AsyncIterator[Running]:
+    """The ingest alone (no runtime, no HTTP), in this process; yields once it streams."""
     settings = settings or settings_for(db)
     async with open_app(
         settings, dsn=db.dsn, metrics=metrics or Metrics(), failpoints=failpoints
     ) as app:
         await prepare_database(app)
-        stop = asyncio.Event()
-        task = asyncio.create_task(app.supervisor.run(stop))
-        try:
-            async with asyncio.timeout(30):
-                while not app.supervisor.streaming.is_set():
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.01)
-            yield Running(app, stop, task)
-        finally:
-            stop.set()
-            async with asyncio.timeout(30):
-                await task
+        async with _running(
+            app, app.supervisor.run, lambda a: a.supervisor.streaming.is_set()
+        ) as running:
+            yield running
 
 
 @asynccontextmanager
@@ -165,21 +179,13 @@ async def running_full_service(
     from mission_runner.cli import serve
 
     settings = replace(settings or settings_for(db), http_port=0)
-    ready = until or (lambda app: app.runtime.accepting)
     async with open_app(settings, dsn=db.dsn, metrics=metrics or Metrics()) as app:
-        stop = asyncio.Event()
-        task = asyncio.create_task(serve(app, stop))
-        try:
-            async with asyncio.timeout(30):
-                while not ready(app):
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.01)
-            yield Running(app, stop, task)
-        finally:
-            stop.set()
-            async with asyncio.timeout(30):
-                await task
+
+        async def main(stop: asyncio.Event) -> None:
+            await serve(app, stop)
+
+        async with _running(app, main, until or (lambda a: a.runtime.accepting)) as running:
+            yield running
 
 
 # -- the service as a separate process --------------------------------------------------

@@ -7,26 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Any
 
 import psycopg
 import pytest
 
-from tests.fix_data import awrite, mission_insert
+from tests.fix_data import awrite, hold_the_slot, mission_insert
 from tests.fix_pg import TestDatabase
 from tests.fix_service import eventually, running_full_service, running_service, settings_for
 
 pytestmark = pytest.mark.integration
-
-
-async def _hold_the_slot(db: TestDatabase) -> psycopg.AsyncConnection[Any]:
-    conn = await psycopg.AsyncConnection.connect(db.dsn, autocommit=True, replication="database")
-    start = (
-        f'START_REPLICATION SLOT "{db.slot}" LOGICAL 0/0'
-        " (proto_version '1', publication_names '\"mission_runner\"')"
-    )
-    conn.pgconn.send_query(start.encode())
-    return conn
 
 
 async def test_a_restart_behind_the_stream_reads_hours_then_zero_soon(db: TestDatabase) -> None:
@@ -39,7 +28,7 @@ async def test_a_restart_behind_the_stream_reads_hours_then_zero_soon(db: TestDa
         conn.execute(
             "UPDATE mana_ai.stream_checkpoint SET commit_time = now() - interval '2 hours'"
         )
-    holder = await _hold_the_slot(db)
+    holder = await hold_the_slot(db)
     settings = settings_for(db, ready_max_lag=60)
     try:
         async with running_full_service(

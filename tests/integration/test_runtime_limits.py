@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from mission_runner.metrics import Metrics
-from tests.fix_data import awrite, iteration_rows, ledger_rows, mission, persisted
+from tests.fix_data import awrite, hold_the_slot, iteration_rows, ledger_rows, mission, persisted
 from tests.fix_llm import FakeLLM, Reply, Slow
 from tests.fix_pg import TestDatabase
 from tests.fix_service import Running, eventually, running_full_service, settings_for
@@ -108,17 +108,6 @@ async def test_the_group_commit_keeps_a_connection_when_dispatches_hold_all_othe
                 await pool.putconn(conn)
 
 
-async def _hold_the_slot(db: TestDatabase) -> psycopg.AsyncConnection[Any]:
-    """Another consumer on the slot (our walsender ended first): the service cannot stream."""
-    conn = await psycopg.AsyncConnection.connect(db.dsn, autocommit=True, replication="database")
-    start = (
-        f'START_REPLICATION SLOT "{db.slot}" LOGICAL 0/0'
-        " (proto_version '1', publication_names '\"mission_runner\"')"
-    )
-    conn.pgconn.send_query(start.encode())
-    return conn
-
-
 def _terminate(db: TestDatabase, application_name: str) -> None:
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         conn.execute(
@@ -137,7 +126,7 @@ async def test_losing_the_stream_pauses_dispatching_until_caught_up(db: TestData
     settings = settings_for(db, instance="svc")
     async with running_full_service(db, settings) as svc:
         _terminate(db, "mission-runner svc")  # our walsender
-        holder = await _hold_the_slot(db)
+        holder = await hold_the_slot(db)
         try:
             await eventually(lambda: not svc.runtime.accepting, what="dispatching paused")
             await awrite(db, mission("during", agent_id=None))
