@@ -9,12 +9,18 @@ after it took the lock and before it reads any state; every transaction that per
 writes back on behalf of the slot checks its epoch first (`Fence.check`), in the same
 transaction, taking a lock on that row.
 
-Invariant (why the check is exact, not a race): the check locks the checkpoint row (FOR
-SHARE, or the checkpoint UPDATE itself), and `take_leadership` updates it. So either the
-check runs first and the new leader's increment waits until that transaction has committed
-(and then reads what it wrote), or the increment committed first and the check, re-reading
-the row, sees the newer epoch and the transaction is refused (`FencedError`) with nothing
-written. A deposed instance can therefore never write after a newer leader read its state.
+Invariant (why the check is exact, not a race): the check locks the checkpoint row, and
+`take_leadership` locks it FOR UPDATE before it increments the epoch, and FOR UPDATE
+conflicts with every row lock. So either the check runs first and the new leader's increment
+waits until that transaction has committed (and then reads what it wrote), or the increment
+committed first and the check, re-reading the row, sees the newer epoch and the transaction
+is refused (`FencedError`) with nothing written. A deposed instance can therefore never
+write after a newer leader read its state.
+
+The locks are chosen so that the guarded transactions of one leader do not wait for each
+other: write-backs and claims check with FOR KEY SHARE, the group commit updates the
+checkpoint (FOR NO KEY UPDATE, as no key column changes), and these two modes do not
+conflict; both conflict with the increment's FOR UPDATE.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ class Fence:
         transaction it guards, before its writes; the row stays locked until it ends."""
         async with conn.cursor(row_factory=scalar_row) as cur:
             await cur.execute(
-                "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s FOR SHARE",
+                "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s"
+                " FOR KEY SHARE",
                 (self.slot,),
             )
             current = await cur.fetchone()
@@ -53,10 +60,19 @@ async def take_leadership(conn: AsyncConnection[tuple[object, ...]], slot: str) 
     it waits for a deposed instance's guarded transaction in flight to end."""
     async with conn.transaction(), conn.cursor(row_factory=scalar_row) as cur:
         await cur.execute(
-            "INSERT INTO mana_ai.stream_checkpoint AS c (slot_name, lsn, epoch, updated_at)"
-            " VALUES (%s, NULL, 1, now())"
-            " ON CONFLICT (slot_name) DO UPDATE SET epoch = c.epoch + 1, updated_at = now()"
-            " RETURNING epoch",
+            "INSERT INTO mana_ai.stream_checkpoint (slot_name, lsn, epoch, updated_at)"
+            " VALUES (%s, NULL, 0, now()) ON CONFLICT (slot_name) DO NOTHING",
+            (slot,),
+        )
+        # FOR UPDATE, explicitly: an UPDATE of the epoch alone would lock FOR NO KEY
+        # UPDATE, which does not wait for the checks' FOR KEY SHARE.
+        await cur.execute(
+            "SELECT epoch FROM mana_ai.stream_checkpoint WHERE slot_name = %s FOR UPDATE",
+            (slot,),
+        )
+        await cur.execute(
+            "UPDATE mana_ai.stream_checkpoint SET epoch = epoch + 1, updated_at = now()"
+            " WHERE slot_name = %s RETURNING epoch",
             (slot,),
         )
         epoch = await cur.fetchone()
