@@ -2,6 +2,7 @@
 
 Migrations are ordered, idempotent, recorded in `mana_ai.schema_migrations`, and run at start
 under a transaction-scoped advisory lock so two processes starting together do not race.
+`schema_state` reads what the checks (`mission_runner.checks`) need to know of the schema.
 """
 
 from __future__ import annotations
@@ -10,9 +11,22 @@ import logging
 
 from psycopg import AsyncConnection
 
+from mission_runner.checks import SCHEMA, OurSchema, OurTable
+
 log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x6D616E615F6169  # "mana_ai"
+
+TABLES = (
+    "schema_migrations",
+    "mission_snapshots",
+    "agent_snapshots",
+    "stream_checkpoint",
+    "dead_letter",
+    "dispatch_ledger",
+    "token_usage",
+)
+"""Every table the migrations make in `mana_ai`."""
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -104,7 +118,57 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 ]
 
 
-async def migrate(conn: AsyncConnection[tuple[object, ...]]) -> list[int]:
+Conn = AsyncConnection[tuple[object, ...]]
+
+
+async def _versions(conn: Conn) -> set[int] | None:
+    """The versions recorded as applied; None when the table is missing."""
+    cur = await conn.execute(
+        "SELECT to_regclass('mana_ai.schema_migrations') IS NOT NULL"
+        " FROM pg_namespace WHERE nspname = %s",
+        (SCHEMA,),
+    )
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        return None
+    cur = await conn.execute("SELECT version FROM mana_ai.schema_migrations")
+    return {int(str(r[0])) for r in await cur.fetchall()}
+
+
+async def schema_state(conn: Conn) -> OurSchema:
+    """`mana_ai` as this role sees it, read without touching what it may not read."""
+    cur = await conn.execute(
+        "SELECT n.oid IS NOT NULL, has_database_privilege(current_database(), 'CREATE'),"
+        " coalesce(has_schema_privilege(n.oid, 'USAGE'), false),"
+        " coalesce(has_schema_privilege(n.oid, 'CREATE'), false)"
+        " FROM (VALUES (1)) AS one LEFT JOIN pg_namespace n ON n.nspname = %s",
+        (SCHEMA,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    exists, create_in_database, usage, create = (bool(v) for v in row)
+    if not exists:
+        return OurSchema(exists=False, create_in_database=create_in_database)
+    cur = await conn.execute(
+        "SELECT c.relname, pg_has_role(c.relowner, 'USAGE'), has_table_privilege(c.oid, 'SELECT'),"
+        " has_table_privilege(c.oid, 'INSERT') AND has_table_privilege(c.oid, 'UPDATE')"
+        " AND has_table_privilege(c.oid, 'DELETE') AND has_table_privilege(c.oid, 'TRUNCATE')"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = ANY(%s) AND c.relkind IN ('r', 'p')"
+        " ORDER BY c.relname",
+        (SCHEMA, list(TABLES)),
+    )
+    tables = tuple(
+        OurTable(str(name), bool(owner), bool(read), bool(write))
+        for name, owner, read, write in await cur.fetchall()
+    )
+    readable = usage and all(t.read for t in tables if t.name == "schema_migrations")
+    applied = await _versions(conn) if readable else None
+    pending = applied is None or any(v not in applied for v, _name, _ddl in MIGRATIONS)
+    return OurSchema(True, create_in_database, usage, create, tables, pending)
+
+
+async def migrate(conn: Conn) -> list[int]:
     """Apply the missing migrations; returns the versions applied now."""
     applied_now: list[int] = []
     async with conn.transaction():
