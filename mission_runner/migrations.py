@@ -2,16 +2,23 @@
 
 Migrations are ordered, idempotent, recorded in `mana_ai.schema_migrations`, and run at start
 under a transaction-scoped advisory lock so two processes starting together do not race.
-`schema_state` reads what the checks (`mission_runner.checks`) need to know of the schema.
+The schema and the migrations table are created only when missing, so a schema made for the
+role by someone else needs no CREATE on the database. A migration the server refuses for a
+reason of setup (by SQLSTATE: a privilege, a read-only server) is a `SetupError`: the one
+`doctor` prints when its check of the schema sees the cause, else one naming the SQLSTATE.
 """
 
 from __future__ import annotations
 
 import logging
 
+import psycopg
 from psycopg import AsyncConnection
 
-from mission_runner.checks import SCHEMA, OurSchema, OurTable
+from core import pgerrors
+from core.errors import SetupError
+from mission_runner import checks
+from mission_runner.checks import SCHEMA, OurSchema, OurTable, Role
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +40,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         1,
         "snapshots, checkpoint and dead letters",
         """
-        CREATE SCHEMA IF NOT EXISTS mana_ai;
-
         CREATE TABLE IF NOT EXISTS mana_ai.mission_snapshots (
             user_id          text        NOT NULL,
             mission_id       text        NOT NULL,
@@ -169,26 +174,66 @@ async def schema_state(conn: Conn) -> OurSchema:
 
 
 async def migrate(conn: Conn) -> list[int]:
-    """Apply the missing migrations; returns the versions applied now."""
+    """Apply the missing migrations; returns the versions applied now. SetupError when the
+    server refuses one for a reason of setup (see the module docstring)."""
     applied_now: list[int] = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        await conn.execute("CREATE SCHEMA IF NOT EXISTS mana_ai")
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS mana_ai.schema_migrations ("
-            " version int PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        cur = await conn.execute("SELECT version FROM mana_ai.schema_migrations")
-        done = {int(str(row[0])) for row in await cur.fetchall()}
-        for version, name, ddl in MIGRATIONS:
-            if version in done:
-                continue
-            await conn.execute(ddl.encode())
-            await conn.execute(
-                "INSERT INTO mana_ai.schema_migrations (version, name) VALUES (%s, %s)",
-                (version, name),
-            )
-            applied_now.append(version)
-            log.info("applied migration %d: %s", version, name)
+    step = f"creating schema {SCHEMA}"
+    try:
+        async with conn.transaction():
+            # Looked at under the lock: a process that started first has committed by then.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            cur = await conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (SCHEMA,))
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                await conn.execute("CREATE SCHEMA mana_ai")
+            step = "creating mana_ai.schema_migrations"
+            done = await _versions(conn)
+            if done is None:
+                await conn.execute(
+                    "CREATE TABLE mana_ai.schema_migrations ("
+                    " version int PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = set()
+            for version, name, ddl in MIGRATIONS:
+                if version in done:
+                    continue
+                step = f"migration {version} ({name})"
+                await conn.execute(ddl.encode())
+                await conn.execute(
+                    "INSERT INTO mana_ai.schema_migrations (version, name) VALUES (%s, %s)",
+                    (version, name),
+                )
+                applied_now.append(version)
+                log.info("applied migration %d: %s", version, name)
+    except psycopg.Error as exc:
+        sqlstate = pgerrors.sqlstate_of(exc)
+        if sqlstate not in checks.REFUSED_SQLSTATES:
+            raise
+        raise await _refused(conn, exc, sqlstate, step) from exc
     return applied_now
+
+
+async def _refused(conn: Conn, exc: psycopg.Error, sqlstate: str, step: str) -> SetupError:
+    """The SetupError for a migration the server refused with `sqlstate`."""
+    reason = f"{exc.diag.message_primary or type(exc).__name__} (SQLSTATE {sqlstate})"
+    if sqlstate == checks.READ_ONLY:
+        return SetupError(
+            f"schema {SCHEMA}: {step} was refused, the server is read-only: {reason}",
+            fix="point DATABASE_URL at the primary server",
+        )
+    cur = await conn.execute(
+        "SELECT current_user, current_database(), rolsuper FROM pg_roles"
+        " WHERE rolname = current_user"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    role = Role(user=str(row[0]), database=str(row[1]), superuser=bool(row[2]))
+    check = checks.schema_check(role, await schema_state(conn))
+    if check.result == checks.FAIL:
+        return SetupError(check.problem, fix=check.fix)
+    return SetupError(
+        f"schema {SCHEMA}: {step} was refused: {reason}",
+        fix=f"run mission-runner once as the owner of the database (or a superuser), then"
+        f" grant role {role.user} what `mission-runner doctor` lists",
+    )
