@@ -1,6 +1,7 @@
 """The `mission-runner` command line.
 
-Exit codes: 0 done, 1 failed at run time, 2 a setting is wrong (the message names it).
+Exit codes: 0 done, 1 failed at run time, 2 a setting or the database setup is wrong (the
+message names the setting, or the problem and its fix).
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from typing import Any
 
 import psycopg
 
+from core import pgerrors
 from core.errors import ConfigurationError, MissionRunnerError, SetupError
 from core.failpoints import FailPoints
 from core.lsn import Lsn
+from mission_runner import checks
 from mission_runner import doctor as doctor_mod
 from mission_runner.app import App, check_connection, open_app, redact, resolve_database
 from mission_runner.demo import DemoUsers
 from mission_runner.devschema import create_dev_schema
 from mission_runner.logs import setup_logging
 from mission_runner.migrations import migrate
+from mission_runner.preflight import require
 from mission_runner.runtime import tune_gc
 from mission_runner.settings import Settings
 from mission_runner.status import collect_status, format_status
@@ -47,8 +51,10 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def prepare_database(app: App) -> None:
-    """Our schema, before anything reads it."""
+    """Refuse a setup the service cannot work with (the failures `doctor` says stop the
+    start, as SetupError), then migrate our schema, before anything reads it."""
     async with app.pool.connection() as conn:
+        await require(conn, app.settings, checks.SERVICE)
         await migrate(conn)
 
 
@@ -138,6 +144,7 @@ async def _connect(settings: Settings) -> psycopg.AsyncConnection[tuple[object, 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     async with await _connect(settings) as conn:
+        await require(conn, settings, checks.STATUS)
         status = await collect_status(conn, slot=settings.slot)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -251,6 +258,7 @@ async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_dev_schema(settings: Settings, args: argparse.Namespace) -> int:
     async with await _connect(settings) as conn:
+        await require(conn, settings, checks.DEV_SCHEMA)
         await create_dev_schema(conn)
     print("created public.sync_changes (development schema) if it was missing")
     return EXIT_OK
@@ -268,6 +276,7 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     _stop_on_signals(stop)
     async with open_app(settings) as app:
         async with app.pool.connection() as conn:
+            await require(conn, settings, checks.DEV_SCHEMA)
             await create_dev_schema(conn)
         demo = DemoUsers(dsn=app.dsn, clock=app.clock, users=args.users, runtime=app.runtime)
         where = app.embedded.pgdata if app.embedded else "DATABASE_URL"
@@ -351,6 +360,10 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
+def _refused_by_setup(exc: BaseException) -> bool:
+    return pgerrors.sqlstate_of(exc) in checks.REFUSED_SQLSTATES
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -367,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             # Errors of the service's tasks arrive grouped; report ours like any other.
             leaf = _first_leaf(group)
-            if isinstance(leaf, MissionRunnerError):
+            if isinstance(leaf, MissionRunnerError) or _refused_by_setup(leaf):
                 raise leaf from None
             raise
     except ConfigurationError as exc:
@@ -379,6 +392,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissionRunnerError as exc:
         log.error("%s", exc)
         return EXIT_FAILED
+    except psycopg.Error as exc:
+        if not _refused_by_setup(exc):
+            raise
+        # A refusal no check foresaw: a setup problem all the same, classified by SQLSTATE.
+        print(
+            f"mission-runner: the database refused: {exc.diag.message_primary}"
+            f" (SQLSTATE {exc.sqlstate})\n  fix: `mission-runner doctor` lists what the role"
+            " needs",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
     finally:
