@@ -96,6 +96,11 @@ async def catch_up(app: App, stop: asyncio.Event, *, prepare: Prepare | None = N
         gc_tuning = tg.create_task(_tune_gc_after_boot(app.supervisor), name="gc tuning")
         await app.supervisor.run(stop, catch_up=True, prepare=prepare)
         gc_tuning.cancel()
+    if not app.supervisor.caught_up:
+        raise MissionRunnerError(
+            "stopped before catching up: nothing after the checkpoint"
+            f" {app.ingest.persisted_lsn} was confirmed"
+        )
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:

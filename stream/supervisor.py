@@ -134,6 +134,8 @@ class Supervisor:
         self.term: Term | None = None
         self._markers: dict[str, asyncio.Future[Lsn]] = {}
         self._stream_started = False
+        self.caught_up = False
+        """Catch-up mode: everything committed before the run is applied and persisted."""
 
     # -- start ------------------------------------------------------------------------------
 
@@ -379,6 +381,7 @@ class Supervisor:
                 stop.set()
                 raise
         if catch_up:
+            self.caught_up = True
             stop.set()
         else:
             term.set_dispatching(True)

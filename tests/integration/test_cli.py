@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from psycopg import conninfo
 
 from core.lsn import Lsn
-from tests.fix_data import mission_insert, persisted, recompute, slot_row, write
+from tests.fix_data import hold_the_slot, mission_insert, persisted, recompute, slot_row, write
 from tests.fix_pg import TestDatabase
 from tests.fix_service import ROOT, ServiceProcess, service_env
 
@@ -58,9 +59,7 @@ def test_status_says_when_the_lag_cannot_be_known_from_outside(db: TestDatabase)
     write(db, mission_insert("u", "m1"))
     assert cli(db, "catch-up").returncode == 0
     with db.connect() as conn:
-        conn.execute(
-            "UPDATE mana_ai.stream_checkpoint SET commit_time = now() - interval '1 hour'"
-        )
+        conn.execute("UPDATE mana_ai.stream_checkpoint SET commit_time = now() - interval '1 hour'")
     # Nothing unconfirmed: 0, whatever the age of the last transaction.
     with db.connect() as conn:
         confirmed = conn.execute(
@@ -285,3 +284,34 @@ def test_the_embedded_server_is_stopped_after_a_restart(tmp_path: pytest.TempPat
     pg.stop_at_exit()  # what runs at exit: stop, then delete
     assert _postmasters_of(str(pg.pgdata)) == []
     assert not pg.pgdata.exists()
+
+
+def test_catch_up_stopped_before_it_caught_up_says_so(db: TestDatabase) -> None:
+    write(db, mission_insert("u", "m1"))
+    assert cli(db, "catch-up").returncode == 0
+
+    async def hold_then_run() -> subprocess.CompletedProcess[str]:
+        holder = await hold_the_slot(db)  # the slot is busy: catch-up cannot stream
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "mission_runner.cli",
+                "catch-up",
+                env=service_env(db),
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            await asyncio.sleep(3)
+            proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            await holder.close()
+        assert proc.returncode is not None
+        return subprocess.CompletedProcess([], proc.returncode, out.decode(), err.decode())
+
+    done = asyncio.run(hold_then_run())
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "caught up:" not in done.stdout
+    assert "stopped before catching up" in done.stdout + done.stderr
