@@ -66,6 +66,7 @@ from stream.pgoutput import TupleData  # noqa: E402
 from stream.reader import FrameReader  # noqa: E402
 from stream.slots import publication_ddl  # noqa: E402
 from stream.transactions import CommittedTransaction  # noqa: E402
+from writer.fence import take_leadership  # noqa: E402
 
 PUBLICATION = "mission_runner"
 SLOT = "stages"
@@ -263,7 +264,8 @@ def write(dsn: str, rows: list[SnapshotRow], lsn: Lsn) -> None:
     async def run() -> None:
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         try:
-            await persistence.write_batch(conn, batch)
+            fence = await take_leadership(conn, SLOT)  # a term of its own, as the service's
+            await persistence.write_batch(conn, batch, fence)
         finally:
             await conn.close()
 

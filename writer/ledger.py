@@ -19,6 +19,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
 from core.instants import datetime_to_us, us_to_datetime
+from writer.errors import FencedError
 from writer.fence import Fence
 
 FINAL = frozenset({"written", "failed"})
@@ -86,25 +87,37 @@ async def claim(
     iteration_id: str,
 ) -> LedgerEntry:
     """Record one more planning attempt for the occurrence and return its row. A finished
-    occurrence is returned unchanged (the caller must not plan it)."""
-    async with conn.transaction():
-        await fence.check(conn)
-        async with conn.cursor(row_factory=class_row(_Row)) as cur:
-            await cur.execute(
-                "INSERT INTO mana_ai.dispatch_ledger AS l"
-                " (user_id, mission_id, occurrence, iteration_id, status, attempts, updated_at)"
-                " VALUES (%s, %s, %s, %s, 'planning', 1, now())"
-                " ON CONFLICT (user_id, mission_id, occurrence) DO UPDATE SET"
-                "  attempts = l.attempts"
-                "   + CASE WHEN l.status IN ('written', 'failed') THEN 0 ELSE 1 END,"
-                "  status = CASE WHEN l.status IN ('written', 'failed') THEN l.status"
-                "   ELSE 'planning' END,"
-                "  updated_at = now()"
-                f" RETURNING {_COLUMNS}",
-                (user_id, mission_id, us_to_datetime(occurrence_us), iteration_id),
-            )
-            row = await cur.fetchone()
-    assert row is not None
+    occurrence is returned unchanged (the caller must not plan it). One statement: the
+    fence's check (`FOR KEY SHARE` on the slot's checkpoint row, see writer.fence) and the
+    upsert, in the statement's own transaction."""
+    async with conn.cursor(row_factory=class_row(_Row)) as cur:
+        await cur.execute(
+            "WITH leader AS (SELECT epoch FROM mana_ai.stream_checkpoint"
+            "  WHERE slot_name = %s AND epoch = %s FOR KEY SHARE)"
+            " INSERT INTO mana_ai.dispatch_ledger AS l"
+            " (user_id, mission_id, occurrence, iteration_id, status, attempts, updated_at)"
+            " SELECT %s, %s, %s, %s, 'planning', 1, now() FROM leader"
+            " ON CONFLICT (user_id, mission_id, occurrence) DO UPDATE SET"
+            "  attempts = l.attempts"
+            "   + CASE WHEN l.status IN ('written', 'failed') THEN 0 ELSE 1 END,"
+            "  status = CASE WHEN l.status IN ('written', 'failed') THEN l.status"
+            "   ELSE 'planning' END,"
+            "  updated_at = now()"
+            f" RETURNING {_COLUMNS}",
+            (
+                fence.slot,
+                fence.epoch,
+                user_id,
+                mission_id,
+                us_to_datetime(occurrence_us),
+                iteration_id,
+            ),
+        )
+        row = await cur.fetchone()
+    if row is None:  # the fence did not pass: nothing was written
+        async with conn.transaction():
+            await fence.check(conn)  # raises FencedError with the epoch it found
+        raise FencedError(fence.slot, fence.epoch, None)
     return LedgerEntry.of(row)
 
 
