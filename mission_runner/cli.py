@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 
 from core import pgerrors
+from core.aio import sleep_or_stop
 from core.errors import ConfigurationError, MissionRunnerError, SetupError
 from core.failpoints import FailPoints
 from core.lsn import Lsn
@@ -293,21 +294,17 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         )
 
         async def report() -> None:
-            while not stop.is_set():
-                try:
-                    async with asyncio.timeout(args.report_every):
-                        await stop.wait()
-                except TimeoutError:
-                    ing, rt = app.ingest, app.runtime
-                    written = sum(1 for r in rt.recent if r.outcome == "written")
-                    print(
-                        f"[{app.supervisor.phase}] {ing.transactions_applied} transactions,"
-                        f" {ing.rows_applied} rows applied; {ing.missions.live_count()} missions,"
-                        f" {ing.agents.live_count()} agents; {len(rt.scheduler.index)} scheduled,"
-                        f" {rt.in_flight} in flight, {written} iterations written;"
-                        f" checkpoint {ing.persisted_lsn}",
-                        flush=True,
-                    )
+            while not await sleep_or_stop(stop, args.report_every):
+                ing, rt = app.ingest, app.runtime
+                written = sum(1 for r in rt.recent if r.outcome == "written")
+                print(
+                    f"[{app.supervisor.phase}] {ing.transactions_applied} transactions,"
+                    f" {ing.rows_applied} rows applied; {ing.missions.live_count()} missions,"
+                    f" {ing.agents.live_count()} agents; {len(rt.scheduler.index)} scheduled,"
+                    f" {rt.in_flight} in flight, {written} iterations written;"
+                    f" checkpoint {ing.persisted_lsn}",
+                    flush=True,
+                )
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(serve(app, stop))

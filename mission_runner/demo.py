@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import psycopg
 
+from core.aio import sleep_or_stop
 from core.clock import Clock
 from planner.runtime import MissionRuntime
 
@@ -226,10 +227,6 @@ class DemoUsers:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
             await self.seed(conn)
             log.info("demo: %d users seeded with agents and missions", len(self.users))
-            while not stop.is_set():
-                try:
-                    async with asyncio.timeout(interval * self.rng.uniform(0.5, 1.5)):
-                        await stop.wait()
-                except TimeoutError:
-                    await self.advance_after_iterations(conn)
-                    await self.step(conn)
+            while not await sleep_or_stop(stop, interval * self.rng.uniform(0.5, 1.5)):
+                await self.advance_after_iterations(conn)
+                await self.step(conn)

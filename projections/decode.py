@@ -23,7 +23,7 @@ from typing import Final
 
 import orjson
 
-from core.json_types import JsonValue
+from core.json_types import JsonObject, JsonValue
 from core.sync_changes import AGENTS_TABLE, APP_ID, COLUMNS, MISSIONS_TABLE
 from projections.rows import ChangeRow
 
@@ -166,79 +166,86 @@ def decode_columns(columns: tuple[Value, ...]) -> ChangeRow | Rejected | None:
     return _decode_checked(columns, table_name)
 
 
+class _Reject(Exception):
+    """A check failed: `reason` (a dead-letter reason) and `detail`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+_I_ID, _I_APP, _I_TABLE, _I_REC, _I_USER, _I_OP, _I_DATA, _I_META, _I_CREATED = _IN_ORDER
+
+
+def _all_sent(values: tuple[Value, ...]) -> None:
+    if any(v is not None and not isinstance(v, bytes) for v in values):
+        raise _Reject(UNCHANGED_TOAST, "a column was sent as unchanged TOAST")
+
+
+def _ids(values: tuple[Value, ...], event_id: str | None) -> tuple[str, bytes, bytes]:
+    record_id, user_id = values[_I_REC], values[_I_USER]
+    if not event_id or not record_id or not user_id:
+        raise _Reject(MISSING_IDS, "id, record_id or user_id is missing or empty")
+    assert isinstance(record_id, bytes) and isinstance(user_id, bytes)
+    return event_id, record_id, user_id
+
+
+def _op(values: tuple[Value, ...]) -> str:
+    op = _OPS.get(values[_I_OP])  # type: ignore[arg-type]
+    if op is None:
+        raise _Reject(UNKNOWN_OP, f"op {_text(values[_I_OP])!r} is not insert/update/delete")
+    return op
+
+
+def _created(values: tuple[Value, ...]) -> int:
+    raw = values[_I_CREATED]
+    try:
+        assert isinstance(raw, bytes)
+        return parse_created_at(raw)
+    except (AssertionError, ValueError, UnicodeDecodeError):
+        raise _Reject(BAD_CREATED_AT, f"created_at {_text(raw)!r} is not a timestamp") from None
+
+
+def _json(raw: Value, column: str) -> JsonValue:
+    try:
+        return orjson.loads(raw)  # type: ignore[arg-type, no-any-return]
+    except orjson.JSONDecodeError as exc:
+        raise _Reject(INVALID_JSON, f"{column}: {exc}") from None
+
+
+def _data(values: tuple[Value, ...], op: str) -> dict[str, JsonValue] | None:
+    raw = values[_I_DATA]
+    data = None if raw is None else _json(raw, "data")
+    if op == "delete":
+        return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise _Reject(
+            DATA_NOT_OBJECT, f"data of an {op} must be a JSON object, got {type(data).__name__}"
+        )
+    return data
+
+
+def _field_meta(values: tuple[Value, ...], data: dict[str, JsonValue] | None) -> JsonObject:
+    raw = values[_I_META]
+    field_meta = {} if raw is None else _json(raw, "field_meta")
+    if isinstance(field_meta, dict):
+        return field_meta
+    # Not an object: no field has a valid stamp; each falls back to created_at.
+    return dict.fromkeys(data, None) if data is not None else {}
+
+
 def _decode_checked(columns: tuple[Value, ...], table_name: str) -> ChangeRow | Rejected:
     """Every check, in the order they report: the first failing one names the reason."""
-    values, idx = columns, _IN_ORDER
-    i_id, _i_app, _i_table, i_rec, i_user, i_op, i_data, i_meta, i_created = idx
-    raw_id = values[i_id]
+    raw_id = columns[_I_ID]
     event_id = raw_id.decode("utf-8", "replace") if isinstance(raw_id, bytes) else None
     try:
-        for i in idx:
-            if values[i] is not None and not isinstance(values[i], bytes):
-                return Rejected(
-                    event_id,
-                    UNCHANGED_TOAST,
-                    "a column was sent as unchanged TOAST",
-                    raw_columns(values, idx),
-                )
-        record_id = values[i_rec]
-        user_id = values[i_user]
-        if not event_id or not record_id or not user_id:
-            return Rejected(
-                event_id,
-                MISSING_IDS,
-                "id, record_id or user_id is missing or empty",
-                raw_columns(values, idx),
-            )
-        assert isinstance(record_id, bytes) and isinstance(user_id, bytes)
-        op = _OPS.get(values[i_op])  # type: ignore[arg-type]
-        if op is None:
-            return Rejected(
-                event_id,
-                UNKNOWN_OP,
-                f"op {_text(values[i_op])!r} is not insert/update/delete",
-                raw_columns(values, idx),
-            )
-        raw_created = values[i_created]
-        try:
-            assert isinstance(raw_created, bytes)
-            created_at_us = parse_created_at(raw_created)
-        except (AssertionError, ValueError, UnicodeDecodeError):
-            return Rejected(
-                event_id,
-                BAD_CREATED_AT,
-                f"created_at {_text(raw_created)!r} is not a timestamp",
-                raw_columns(values, idx),
-            )
-        raw_data = values[i_data]
-        data: JsonValue = None
-        if raw_data is not None:
-            try:
-                data = orjson.loads(raw_data)  # type: ignore[arg-type]
-            except orjson.JSONDecodeError as exc:
-                return Rejected(event_id, INVALID_JSON, f"data: {exc}", raw_columns(values, idx))
-        if op == "delete":
-            if data is not None and not isinstance(data, dict):
-                data = None
-        elif not isinstance(data, dict):
-            return Rejected(
-                event_id,
-                DATA_NOT_OBJECT,
-                f"data of an {op} must be a JSON object, got {type(data).__name__}",
-                raw_columns(values, idx),
-            )
-        raw_meta = values[i_meta]
-        field_meta: JsonValue = {}
-        if raw_meta is not None:
-            try:
-                field_meta = orjson.loads(raw_meta)  # type: ignore[arg-type]
-            except orjson.JSONDecodeError as exc:
-                return Rejected(
-                    event_id, INVALID_JSON, f"field_meta: {exc}", raw_columns(values, idx)
-                )
-        if not isinstance(field_meta, dict):
-            # Not an object: no field has a valid stamp; each falls back to created_at.
-            field_meta = dict.fromkeys(data, None) if isinstance(data, dict) else {}
+        _all_sent(columns)
+        event_id, record_id, user_id = _ids(columns, event_id)
+        op = _op(columns)
+        created_at_us = _created(columns)
+        data = _data(columns, op)
+        field_meta = _field_meta(columns, data)
         return ChangeRow(
             event_id=event_id,
             app_id=APP_ID,
@@ -246,12 +253,15 @@ def _decode_checked(columns: tuple[Value, ...], table_name: str) -> ChangeRow | 
             record_id=record_id.decode("utf-8"),
             user_id=user_id.decode("utf-8"),
             op=op,
-            data=data if isinstance(data, dict) else None,
+            data=data,
             field_meta=field_meta,
             created_at_us=created_at_us,
         )
+    except _Reject as rejected:
+        reason, detail = rejected.reason, rejected.detail
     except UnicodeDecodeError as exc:
-        return Rejected(event_id, MISSING_IDS, f"not UTF-8: {exc}", raw_columns(values, idx))
+        reason, detail = MISSING_IDS, f"not UTF-8: {exc}"
+    return Rejected(event_id, reason, detail, raw_columns(columns, _IN_ORDER))
 
 
 def _change_row(
