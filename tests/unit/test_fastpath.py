@@ -24,7 +24,7 @@ from core.sync_changes import COLUMNS
 from projections import decode, fastpath, merge
 from projections import projector as projector_module
 from projections.decode import Value
-from projections.projector import Outcome
+from projections.projector import Outcome, Projector
 from projections.stores import SnapshotStore, StateTable
 from stream.pgoutput import UNCHANGED, TupleData
 from stream.transactions import CommittedTransaction, RowInsert
@@ -231,17 +231,7 @@ def test_field_meta_read_in_place_merges_as_orjson_reads_it(text: bytes, op: byt
     # reads for each (in place, or from orjson when the scanner is not sure) shows in the
     # merge keys; the Python path reads every text with orjson.
     fast, slow = projector(True), projector(False)
-    create = (b"e0", b"ai", b"aiMissions", b"m1", b"u1", b"insert", b'{"title": "a"}', b"{}",
-              CREATED[0])  # fmt: skip
-    change = (b"e1", b"ai", b"aiMissions", b"m1", b"u1", op, orjson.dumps(META_FIELDS), text,
-              CREATED[1])  # fmt: skip
-    results = []
-    for p in (fast, slow):
-        outcome = Outcome()
-        p.apply_loaded([create, change], IN_ORDER, Lsn(10), 20, outcome)
-        results.append(outcome_of(outcome))
-    assert results[0] == results[1]
-    assert store_of(fast.missions) == store_of(slow.missions)
+    _merge_alike(fast, slow, op, text)
 
 
 @needs_fast_path
@@ -507,6 +497,11 @@ def test_a_fold_with_meta_loads_merges_as_the_python_path(text: bytes, op: bytes
     # `meta_loads` (what bench/stages.py --field-meta measures) stands in for the scanner.
     fast, slow = projector(True), projector(False)
     fast._fold = fastpath.compiled_fold(meta_loads=_typed_meta)
+    _merge_alike(fast, slow, op, text)
+
+
+def _merge_alike(fast: Projector, slow: Projector, op: bytes, text: bytes) -> None:
+    """A record created, then changed with `field_meta` `text`: both projectors agree."""
     create = (b"e0", b"ai", b"aiMissions", b"m1", b"u1", b"insert", b'{"title": "a"}', b"{}",
               CREATED[0])  # fmt: skip
     change = (b"e1", b"ai", b"aiMissions", b"m1", b"u1", op, orjson.dumps(META_FIELDS), text,
