@@ -15,7 +15,7 @@ from typing import Final
 
 import orjson
 from psycopg import AsyncConnection, sql
-from psycopg.rows import class_row, dict_row, scalar_row
+from psycopg.rows import args_row, class_row, dict_row, scalar_row
 
 from core.instants import datetime_to_us, us_to_datetime
 from core.lsn import Lsn
@@ -297,8 +297,39 @@ async def load_snapshots(
     of large records would be held at once and leave the heap fragmented after it is freed.
     """
     table, id_col = _TABLES[kind]
+    # Many records share a user, and records written by one transaction share its LSN and
+    # time: one object each (sys.getsizeof: ~50 B per id, 32 B per number).
+    users: dict[str, str] = {}
+    lsns: dict[str, Lsn] = {}
+    times: dict[int, int] = {}
+
+    def state(
+        user_id: str,
+        record_id: str,
+        record: str,
+        merge_keys: str,
+        deleted: bool,
+        lsn_text: str,
+        applied_us: int,
+    ) -> RecordState:
+        loaded = state_from_persisted(
+            users.setdefault(user_id, user_id),
+            record_id,
+            orjson.loads(record),
+            orjson.loads(merge_keys),
+            deleted,
+        )
+        lsn = lsns.get(lsn_text)
+        if lsn is None:
+            lsn = lsns[lsn_text] = Lsn.parse(lsn_text)
+        loaded.last_lsn = lsn
+        loaded.last_applied_us = times.setdefault(applied_us, applied_us)
+        return loaded
+
     async with conn.transaction():
-        async with conn.cursor(name=f"mission_runner_boot_{kind}", binary=False) as cur:
+        async with conn.cursor(
+            name=f"mission_runner_boot_{kind}", binary=False, row_factory=args_row(state)
+        ) as cur:
             cur.itersize = chunk
             await cur.execute(
                 sql.SQL(
@@ -307,31 +338,7 @@ async def load_snapshots(
                     " FROM mana_ai.{table}"
                 ).format(id=sql.Identifier(id_col), table=sql.Identifier(table))
             )
-            # Many records share a user, and records written by one transaction share its
-            # LSN and time: one object each (sys.getsizeof: ~50 B per id, 32 B per number).
-            users: dict[str, str] = {}
-            lsns: dict[str, Lsn] = {}
-            times: dict[int, int] = {}
-            while rows := await cur.fetchmany(chunk):
-                states = []
-                for row in rows:
-                    user = str(row[0])
-                    user = users.setdefault(user, user)
-                    state = state_from_persisted(
-                        user,
-                        str(row[1]),
-                        orjson.loads(str(row[2])),
-                        orjson.loads(str(row[3])),
-                        bool(row[4]),
-                    )
-                    lsn_text = str(row[5])
-                    lsn = lsns.get(lsn_text)
-                    if lsn is None:
-                        lsn = lsns[lsn_text] = Lsn.parse(lsn_text)
-                    state.last_lsn = lsn
-                    applied = int(str(row[6]))
-                    state.last_applied_us = times.setdefault(applied, applied)
-                    states.append(state)
+            while states := await cur.fetchmany(chunk):
                 yield states
 
 
