@@ -31,7 +31,3 @@ class SetupError(MissionRunnerError):
         self.problem = problem
         self.fix = fix
         self.slot = slot
-
-    @property
-    def hint(self) -> str | None:
-        return self.fix

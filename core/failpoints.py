@@ -73,9 +73,6 @@ class FailPoints:
                     "MISSION_RUNNER_FAILPOINTS", f"{part!r}: count must be a number"
                 ) from None
 
-    def armed(self, name: str) -> bool:
-        return name in self._armed
-
     def hit(self, name: str) -> None:
         """Kill the process when `name` is passed for the configured time."""
         remaining = self._armed.get(name)

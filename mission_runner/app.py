@@ -190,10 +190,11 @@ def build(
         metrics=metrics.stream,
     )
     options = settings.runtime_options()
+    views = SnapshotViews(ingest)
     dispatcher = Dispatcher(
         pool=pool,
         planner=planner,
-        snapshots=SnapshotViews(ingest),
+        snapshots=views,
         clock=clock,
         metrics=metrics.runtime,
         max_attempts=options.max_attempts,
@@ -201,7 +202,7 @@ def build(
         failpoints=failpoints,
     )
     runtime = MissionRuntime(
-        snapshots=SnapshotViews(ingest),
+        snapshots=views,
         feed=feed,
         terms=terms,
         dispatcher=dispatcher,

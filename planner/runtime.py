@@ -114,6 +114,7 @@ class MissionRuntime:
         self._agents: dict[AgentKey, _Agent] = {}
         self._in_flight: dict[MissionKey, Occurrence] = {}
         self._waiting: deque[Occurrence] = deque()
+        self._waiting_keys: set[MissionKey] = set()
         self._failures: dict[MissionKey, _Failures] = {}
         # The ingest batch that last (re)scheduled each mission: the dispatch span links to it.
         self._scheduled_by: dict[MissionKey, trace.SpanContext] = {}
@@ -205,6 +206,7 @@ class MissionRuntime:
         self._agents.clear()
         self._in_flight.clear()
         self._waiting.clear()
+        self._waiting_keys.clear()
         self._failures.clear()
         self._scheduled_by.clear()
         self.metrics.in_flight.set(0)
@@ -280,7 +282,8 @@ class MissionRuntime:
         if key in self._in_flight:
             return
         if len(self._in_flight) >= self.options.concurrency:
-            if occ not in self._waiting:
+            if key not in self._waiting_keys:
+                self._waiting_keys.add(key)
                 self._waiting.append(occ)
                 self.metrics.waiting.set(len(self._waiting))
             return
@@ -349,7 +352,9 @@ class MissionRuntime:
                 slot.deferred.rotate(1)  # still at the limit: back to the front, in order
                 break
         while self._waiting and len(self._in_flight) < self.options.concurrency:
-            self._evaluate(self._waiting.popleft())
+            waiting = self._waiting.popleft()
+            self._waiting_keys.discard(waiting.key)
+            self._evaluate(waiting)
         self.metrics.waiting.set(len(self._waiting))
         self.metrics.due_queue.set(len(self.scheduler.index))
 

@@ -114,12 +114,13 @@ class Ingest:
         self.compiled = compiled
         self.apply_step = apply_step
         """Rows of a transaction applied per turn of the event loop."""
-        self.group_commit = GroupCommit(options)
         self.persist_wanted = asyncio.Event()
         """Set when a group commit may have become due sooner (its owner waits on it)."""
         self.persisted: Checkpoint | None = None
         self.rows_applied = 0
         self.transactions_applied = 0
+        self._persist_lock = asyncio.Lock()
+        self._batch_span: trace.Span | None = None
         self._new_state()
 
     def _new_state(self) -> None:
@@ -138,10 +139,12 @@ class Ingest:
         # Snapshot-changing transactions applied / persisted, counted (see is_idle).
         self._data_seq = 0
         self._persisted_seq = 0
-        self._persist_lock = asyncio.Lock()
         self.group_commit = GroupCommit(self.options)
-        # The open ingest-batch span: from the first snapshot change to its group commit.
-        self._batch_span: trace.Span | None = None
+        # The open ingest-batch span: from the first snapshot change to its group commit
+        # (one left open by a term that ended is ended here, unwritten).
+        if self._batch_span is not None:
+            self._batch_span.end()
+        self._batch_span = None
         self._batch_first_lsn: Lsn | None = None
         self._batch_tx = 0
         self._batch_rows = 0

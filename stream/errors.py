@@ -43,13 +43,10 @@ class ReplicationError(MissionRunnerError):
         message: str,
         *,
         slot: str | None = None,
-        hint: str | None = None,
         sqlstate: str | None = None,
     ) -> None:
-        text = message if hint is None else f"{message}\n  fix: {hint}"
-        super().__init__(text)
+        super().__init__(message)
         self.slot = slot
-        self.hint = hint
         self.sqlstate = sqlstate
 
 

@@ -161,6 +161,7 @@ class Supervisor:
         confirm it, and return. SetupError at start, PersistenceError (a write that will not
         succeed) at any time, and MissionRunnerError for a refused catch-up propagate."""
         await self.preflight()
+        self.caught_up = False
         try:
             while not stop.is_set():
                 self.phase = Phase.WAITING
